@@ -1,0 +1,113 @@
+"""Cross-attention and the SpatialTransformer of the SD UNet (CompVis `ldm/modules/attention.py` layout).
+
+Attribute names are the checkpoint keys: `proj_in`, `transformer_blocks.{i}.{attn1,attn2,ff,norm1..3}`,
+`proj_out`. All attention goes through `F.scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of `x` [B, N, query_dim] over `context` [B, M, context_dim] (self-attention
+    when `context` is None). Scale dim_head**-0.5; q/k/v projections have no bias, the output one has."""
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))  # Dropout keeps index 0
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        b, n, _ = x.shape
+        # [B, N, H*D] -> [B, H, N, D] as views; SDPA takes the strided layout as it is.
+        q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)
+        k = self.to_k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
+        v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, D]
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class GEGLU(nn.Module):
+    """`a * gelu(b)` where [a, b] = proj(x) split in halves (exact GELU)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # keys ff.net.0.proj and ff.net.2; the Dropout only holds index 1
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LN self-attention, cross-attention, feed-forward; each with a residual."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Image features [B, C, H, W] attend to text tokens [B, 77, context_dim]; output has the input's shape.
+
+    SD1: proj_in/proj_out are 1x1 convs applied in [B, C, H, W]. SD2 (`linear`): Linear layers applied to
+    the [B, HW, C] tokens. GroupNorm eps 1e-6.
+    """
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, linear: bool):
+        super().__init__()
+        inner = heads * dim_head
+        self.linear = linear
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x_in = x
+        x = self.norm(x)
+        if not self.linear:
+            x = self.proj_in(x)
+        x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+        if self.linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.linear:
+            x = self.proj_out(x)
+        x = x.transpose(1, 2).reshape(b, -1, h, w)  # [B, C, H, W]
+        if not self.linear:
+            x = self.proj_out(x)
+        return x + x_in

@@ -1,0 +1,292 @@
+"""Typed model configs, named presets, and YAML reading (ours and the original CompVis/Stability files).
+
+A config is plain data. YAML is validated against the dataclass fields: an unknown key is an error that
+names it, so a typo fails at load time rather than deep into a run. Original inference YAMLs
+(`v1-inference.yaml`, `v2-inference-v.yaml`, ...) are read as data; their `target:` strings are only
+compared against the classes we implement, never imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or preset name that cannot describe a model."""
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """CompVis `UNetModel` hyper-parameters (names as in the original YAML `unet_config.params`).
+
+    Exactly one of `num_heads` (SD1: fixed head count) and `num_head_channels` (SD2: fixed head dim) is set.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors that get a SpatialTransformer
+    num_heads: int | None = 8
+    num_head_channels: int | None = None
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False  # SD2: proj_in/proj_out are Linear instead of 1x1 conv
+
+    def __post_init__(self) -> None:
+        if (self.num_heads is None) == (self.num_head_channels is None):
+            raise ConfigError("unet: set exactly one of num_heads (SD1) and num_head_channels (SD2)")
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(number of heads, head dim) of a SpatialTransformer with `channels` channels."""
+        if self.num_heads is not None:
+            return self.num_heads, channels // self.num_heads
+        return channels // self.num_head_channels, self.num_head_channels
+
+    def skip_channels(self) -> list[int]:
+        """Channels of the skip connections in decoder (pop) order: one per output block."""
+        chans = [self.model_channels]
+        for level, mult in enumerate(self.channel_mult):
+            chans += [self.model_channels * mult] * self.num_res_blocks
+            if level != len(self.channel_mult) - 1:
+                chans.append(self.model_channels * mult)  # the Downsample output is a skip too
+        return chans[::-1]
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """CompVis `AutoencoderKL` `ddconfig` plus `embed_dim` (the SD VAE has no attention outside the middle)."""
+
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Text tower. `clip`: HF CLIPTextModel layout (SD1, quick_gelu, last layer, pads with the end token).
+    `open_clip`: open_clip layout (SD2, exact GELU, penultimate layer then ln_final, pads with 0)."""
+
+    arch: Literal["clip", "open_clip"] = "clip"
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    vocab_size: int = 49408
+    context_length: int = 77
+    embed_dim: int = 768  # open_clip only: text_projection is [width, embed_dim]
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("clip", "open_clip"):
+            raise ConfigError(f"text.arch must be 'clip' or 'open_clip', got {self.arch!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole latent diffusion model: the three networks plus the noise schedule."""
+
+    family: str = "sd1"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    parameterization: Literal["eps", "v"] = "eps"
+    scale_factor: float = 0.18215
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.parameterization not in ("eps", "v"):
+            raise ConfigError(f"parameterization must be 'eps' or 'v', got {self.parameterization!r}")
+        if self.unet.context_dim != self.text.width:
+            raise ConfigError(
+                f"unet.context_dim {self.unet.context_dim} != text.width {self.text.width}: "
+                "the text encoder does not fit this UNet"
+            )
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------------------
+
+_SD2_UNET = UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+_SD2_TEXT = TextConfig(arch="open_clip", width=1024, layers=24, heads=16, embed_dim=1024)
+# Tiny variants keep every structural feature (3 levels, attention at 2 of them, downsample skips) for tests.
+_TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(2, 1), context_dim=32)
+_TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+
+PRESETS: dict[str, ModelConfig] = {
+    "sd-v1": ModelConfig(),
+    "sd-v2-base": ModelConfig(family="sd2", unet=_SD2_UNET, text=_SD2_TEXT),
+    "sd-v2-v": ModelConfig(family="sd2", unet=_SD2_UNET, text=_SD2_TEXT, parameterization="v"),
+    "tiny-sd1": ModelConfig(unet=_TINY_UNET, vae=_TINY_VAE, text=TextConfig(width=32, layers=2, heads=2, embed_dim=32)),
+    "tiny-sd2": ModelConfig(
+        family="sd2",
+        unet=dataclasses.replace(_TINY_UNET, num_heads=None, num_head_channels=16, use_linear_in_transformer=True),
+        vae=_TINY_VAE,
+        text=TextConfig(arch="open_clip", width=32, layers=3, heads=2, embed_dim=32),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading configs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Instantiate dataclass `cls` from `data`, rejecting unknown keys and converting lists to tuples."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig}.get(name) if cls is ModelConfig else None
+        if sub is not None:
+            value = _build(sub, value, f"{where}.{name}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> ModelConfig:
+    """Our own layout (see `configs/*.yaml`), or an original CompVis/Stability inference config."""
+    if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict) and "target" in data["model"]:
+        return _from_compvis(data, where)
+    if isinstance(data, dict) and "preset" in data:
+        base = PRESETS[_preset_name(data["preset"])]
+        rest = {k: v for k, v in data.items() if k != "preset"}
+        merged = base.to_dict()
+        for key, value in rest.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        data = merged  # unknown keys are rejected by _build below
+    return _build(ModelConfig, data, where)
+
+
+def _preset_name(name: str) -> str:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return name
+
+
+def load_config(spec: str | Path | ModelConfig | dict) -> ModelConfig:
+    """A preset name, a YAML path (ours or CompVis), a dict, or a ModelConfig."""
+    if isinstance(spec, ModelConfig):
+        return spec
+    if isinstance(spec, dict):
+        return config_from_dict(spec)
+    if isinstance(spec, str) and spec in PRESETS:
+        return PRESETS[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"config {str(spec)!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    return config_from_dict(data, where=str(path))
+
+
+# -- original CompVis / Stability inference YAML ----------------------------------------------------------
+
+_COMPVIS_LDM = {"ldm.models.diffusion.ddpm.LatentDiffusion"}
+_COMPVIS_UNET = {"ldm.modules.diffusionmodules.openaimodel.UNetModel"}
+_COMPVIS_VAE = {"ldm.models.autoencoder.AutoencoderKL"}
+_COMPVIS_TEXT = {
+    "ldm.modules.encoders.modules.FrozenCLIPEmbedder": TextConfig(),
+    "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": _SD2_TEXT,
+}
+# Keys of the original files that change nothing in inference-time structure or numerics.
+_IGNORED_LDM = {
+    "log_every_t", "first_stage_key", "cond_stage_key", "image_size", "channels", "cond_stage_trainable",
+    "conditioning_key", "monitor", "use_ema", "scale_by_std", "num_timesteps_cond", "scheduler_config",
+    "ckpt_path", "ignore_keys", "load_only_unet", "loss_type", "linear_start", "linear_end", "timesteps",
+    "scale_factor", "parameterization", "unet_config", "first_stage_config", "cond_stage_config",
+}  # fmt: skip
+_IGNORED_UNET = {"image_size", "use_checkpoint", "use_fp16", "legacy", "use_spatial_transformer", "dropout"}
+
+
+def _from_compvis(data: dict[str, Any], where: str) -> ModelConfig:
+    model = data["model"]
+    if model["target"] not in _COMPVIS_LDM:
+        raise ConfigError(f"{where}: model.target {model['target']!r} is not a LatentDiffusion model we support")
+    params = model.get("params", {})
+    unknown = sorted(set(params) - _IGNORED_LDM)
+    if unknown:
+        raise ConfigError(f"{where}: unsupported model.params key(s) {unknown}")
+    if params.get("conditioning_key", "crossattn") != "crossattn":
+        raise ConfigError(f"{where}: conditioning_key {params['conditioning_key']!r} is not supported (crossattn only)")
+
+    unet_cfg = params["unet_config"]
+    if unet_cfg.get("target") not in _COMPVIS_UNET:
+        raise ConfigError(f"{where}: unet_config.target {unet_cfg.get('target')!r} is not supported")
+    up = dict(unet_cfg["params"])
+    if up.get("num_heads", -1) == -1:
+        up.pop("num_heads", None)
+        up["num_heads"] = None
+    if up.get("num_head_channels", -1) == -1:
+        up["num_head_channels"] = None
+    unet = _build(UNetConfig, {k: v for k, v in up.items() if k not in _IGNORED_UNET}, f"{where}: unet_config")
+
+    vae_cfg = params["first_stage_config"]
+    if vae_cfg.get("target") not in _COMPVIS_VAE:
+        raise ConfigError(f"{where}: first_stage_config.target {vae_cfg.get('target')!r} is not supported")
+    dd = dict(vae_cfg["params"]["ddconfig"])
+    if dd.pop("attn_resolutions", []):
+        raise ConfigError(f"{where}: VAE attn_resolutions other than [] are not supported")
+    if not dd.pop("double_z", True):
+        raise ConfigError(f"{where}: a VAE with double_z false is not a KL autoencoder")
+    for ignored in ("resolution", "dropout"):
+        dd.pop(ignored, None)
+    vae = _build(VAEConfig, {**dd, "embed_dim": vae_cfg["params"]["embed_dim"]}, f"{where}: ddconfig")
+
+    text_target = params["cond_stage_config"].get("target")
+    if text_target not in _COMPVIS_TEXT:
+        raise ConfigError(f"{where}: cond_stage_config.target {text_target!r} is not supported")
+    text_params = params["cond_stage_config"].get("params") or {}
+    if text_params.get("layer", "penultimate" if "OpenCLIP" in text_target else "last") != (
+        "penultimate" if "OpenCLIP" in text_target else "last"
+    ):
+        raise ConfigError(f"{where}: cond_stage_config layer {text_params['layer']!r} is not supported")
+    text = _COMPVIS_TEXT[text_target]
+
+    return ModelConfig(
+        family="sd2" if text.arch == "open_clip" else "sd1",
+        unet=unet,
+        vae=vae,
+        text=text,
+        parameterization=params.get("parameterization", "eps"),
+        scale_factor=float(params.get("scale_factor", 0.18215)),
+        linear_start=float(params.get("linear_start", 0.00085)),
+        linear_end=float(params.get("linear_end", 0.012)),
+        timesteps=int(params.get("timesteps", 1000)),
+    )

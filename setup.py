@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ldm-sce",
+    version="0.1.0",
+    description="Stable Diffusion in the CompVis layout with SCEdit (skip connection editing) in the UNet",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ldm_sce", "ldm_sce.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "einops",
+        "open_clip_torch>=2.20",  # its BPE tokenizer (ships the vocabulary) for both text encoders
+        "safetensors>=0.4",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        # diffusers/transformers are test-only oracles: independent implementations to compare against
+        "test": ["pytest>=7", "diffusers>=0.30", "transformers>=4.40", "ruff>=0.5"],
+    },
+)
