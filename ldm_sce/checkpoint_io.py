@@ -314,6 +314,7 @@ def load_model(
         for k in expected
     }
     model.load_state_dict(state, strict=True, assign=True)
+    model.model.diffusion_model.to(memory_format=torch.channels_last)  # see UNetModel
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)

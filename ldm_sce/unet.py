@@ -88,7 +88,13 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """eps/v prediction network: (x [B, 4, h, w], t [B], context [B, 77, C]) -> [B, 4, h, w]."""
+    """eps/v prediction network: (x [B, 4, h, w], t [B], context [B, 77, C]) -> [B, 4, h, w].
+
+    Activations run in channels_last (NHWC): oneDNN/cuDNN convolutions are faster in it, and the
+    SpatialTransformer's [B, C, H, W] <-> [B, HW, C] reshapes become free views. Keep the conv weights in
+    channels_last too (`.to(memory_format=torch.channels_last)`; `load_model` does it); either layout
+    gives the same values up to fp32 round-off.
+    """
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -137,13 +143,14 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(cfg.model_channels, cfg.out_channels, 3, padding=1)
         )
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))  # [B, 4C]
 
         # -- encoder: every block's output is a skip connection --
         hs = []
-        h = x
+        h = x.contiguous(memory_format=torch.channels_last)
         for module in self.input_blocks:
             h = module(h, emb, context)
             hs.append(h)
@@ -157,4 +164,4 @@ class UNetModel(nn.Module):
             h = torch.cat([h, skip], dim=1)
             h = module(h, emb, context)
 
-        return self.out(h)
+        return self.out(h).contiguous()
