@@ -1,0 +1,322 @@
+"""Samplers as plain functions over a denoiser, and classifier-free guidance as a small wrapper.
+
+A denoiser is `eps_fn(x, t) -> eps`: latents x [B, 4, h, w] and (possibly fractional) DDPM timesteps t [B]
+to the predicted noise. v-prediction models are converted to eps by the wrapper (`eps = sqrt(a) v +
+sqrt(1-a) x`), so every sampler is written once, in the eps form.
+
+- `sample_ddim`, `sample_plms`: the CompVis samplers exactly (uniform timesteps `range(0, T, T // S) + 1`,
+  the last step's alpha_prev = alphas_cumprod[0]); DDIM eq. 12 of Song et al. 2021.
+- `sample_euler`, `sample_euler_ancestral`, `sample_dpmpp_2m`: k-diffusion's samplers in sigma space
+  (x = x0 + sigma * eps, sigma = sqrt((1 - a) / a)), with Karras et al. 2022 sigmas for DPM-Solver++ 2M.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SAMPLERS = ("ddim", "plms", "euler", "euler_a", "dpmpp_2m")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Denoiser wrappers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def cfg_denoiser(model, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> EpsFn:
+    """eps_fn with classifier-free guidance: one UNet call on cat([x, x]) with cat([uncond, cond]),
+    `e = e_u + scale * (e_c - e_u)`. With `uncond=None` or scale 1, a single conditional call."""
+    ac = model.alphas_cumprod
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if uncond is None or scale == 1.0:
+            out = model.apply_model(x, t, cond)
+        else:
+            out_u, out_c = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+            out = out_u + scale * (out_c - out_u)
+        if model.parameterization == "v":  # linear in the output, so guiding v then converting equals guiding eps
+            a = _alpha_at(ac, t).to(x.dtype).view(-1, 1, 1, 1)
+            out = a.sqrt() * out + (1.0 - a).sqrt() * x
+        return out
+
+    return eps_fn
+
+
+def _alpha_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """alphas_cumprod at integer t, or interpolated in log-sigma at fractional t (k-diffusion's rule)."""
+    ac = alphas_cumprod.to(t.device, torch.float32)
+    if not torch.is_floating_point(t) or torch.equal(t, t.round()):
+        return ac[t.long()]
+    log_sigmas = (((1 - ac) / ac) ** 0.5).log()
+    lo = t.floor().long().clamp(max=len(ac) - 2)
+    w = t - lo
+    log_sigma = (1 - w) * log_sigmas[lo] + w * log_sigmas[lo + 1]
+    return 1.0 / (1.0 + (2 * log_sigma).exp())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DDIM and PLMS (CompVis)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """CompVis 'uniform' DDIM timesteps, ascending: range(0, T, T // S) + 1."""
+    if not 0 < steps <= num_train_timesteps:
+        raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
+    return torch.arange(0, num_train_timesteps, num_train_timesteps // steps) + 1
+
+
+def _ddim_alphas(alphas_cumprod: torch.Tensor, steps: int, x: torch.Tensor):
+    """(timesteps, alpha_t, alpha_prev) of the DDIM steps; the last step's alpha_prev is alphas_cumprod[0]."""
+    ts = ddim_timesteps(steps, len(alphas_cumprod))
+    ac = alphas_cumprod.to(torch.float64).cpu()
+    a_prev = torch.cat([ac[:1], ac[ts[:-1]]])
+    return ts, ac[ts].to(x.device, x.dtype), a_prev.to(x.device, x.dtype)
+
+
+def _ddim_step(x, eps, a_t, a_prev, sigma, noise):
+    """x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z (DDIM eq. 12)."""
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
+    return (x_prev + sigma * noise if noise is not None else x_prev), x0
+
+
+@torch.no_grad()
+def sample_ddim(
+    eps_fn: EpsFn,
+    x: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    steps: int,
+    eta: float = 0.0,
+    noise_fn: Callable[[], torch.Tensor] | None = None,
+    t_start: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDIM from x at the last timestep (or at ddim index `t_start` for img2img) down to x0.
+
+    noise_fn draws the per-step noise for eta > 0 (see `batch_noise` for per-image reproducibility)."""
+    ts, a, a_prev = _ddim_alphas(alphas_cumprod, steps, x)
+    sigmas = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+    n = len(ts) if t_start is None else t_start
+    for i in tqdm(reversed(range(n)), total=n, disable=not progress, desc="DDIM"):
+        eps = eps_fn(x, torch.full((x.shape[0],), int(ts[i]), device=x.device))
+        x, _ = _ddim_step(x, eps, a[i], a_prev[i], sigmas[i], noise_fn() if eta > 0 else None)
+    return x
+
+
+@torch.no_grad()
+def sample_plms(
+    eps_fn: EpsFn,
+    x: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    steps: int,
+    t_start: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """CompVis PLMS (pseudo linear multistep, Liu et al. 2022): DDIM's update with eps replaced by an
+    Adams-Bashforth combination of the last eps; the first step uses a second-order (Heun-like) estimate."""
+    ts, a, a_prev = _ddim_alphas(alphas_cumprod, steps, x)
+    n = len(ts) if t_start is None else t_start
+    order = list(reversed(range(n)))
+    old_eps: list[torch.Tensor] = []
+    for k, i in enumerate(tqdm(order, disable=not progress, desc="PLMS")):
+        t = torch.full((x.shape[0],), int(ts[i]), device=x.device)
+        eps = eps_fn(x, t)
+        if not old_eps:
+            x_next, _ = _ddim_step(x, eps, a[i], a_prev[i], 0.0, None)
+            i_next = order[min(k + 1, len(order) - 1)]
+            t_next = torch.full_like(t, int(ts[i_next]))
+            eps_prime = (eps + eps_fn(x_next, t_next)) / 2
+        elif len(old_eps) == 1:
+            eps_prime = (3 * eps - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            eps_prime = (23 * eps - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            eps_prime = (55 * eps - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x, _ = _ddim_step(x, eps_prime, a[i], a_prev[i], 0.0, None)
+        old_eps = (old_eps + [eps])[-3:]
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# k-diffusion samplers (sigma space)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def model_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sigma_t = sqrt((1 - a_t) / a_t) for t = 0..T-1 (ascending)."""
+    ac = alphas_cumprod.to(torch.float64)
+    return ((1 - ac) / ac).sqrt()
+
+
+def sigma_to_t(sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Fractional timestep of sigma by linear interpolation in log sigma (k-diffusion / diffusers)."""
+    log_sigmas = sigmas.log()
+    log_sigma = sigma.to(log_sigmas.dtype).log()
+    idx = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(sigmas) - 1)
+    lo, hi = log_sigmas[idx - 1], log_sigmas[idx]
+    w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+    return (idx - 1).to(w.dtype) + w
+
+
+def sigmas_uniform(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` sigmas at timesteps linspace(T-1, 0, steps), then 0 (diffusers' 'linspace' spacing)."""
+    sig = model_sigmas(alphas_cumprod)
+    t = torch.linspace(len(sig) - 1, 0, steps, dtype=torch.float64)
+    lo = t.floor().long()
+    hi = (lo + 1).clamp(max=len(sig) - 1)
+    w = t - lo
+    log_s = (1 - w) * sig[lo].log() + w * sig[hi].log()
+    return torch.cat([log_s.exp(), torch.zeros(1, dtype=torch.float64)])
+
+
+def sigmas_karras(alphas_cumprod: torch.Tensor, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022 eq. 5 between the model's sigma_min and sigma_max, then 0."""
+    sig = model_sigmas(alphas_cumprod)
+    lo, hi = sig[0].item() ** (1 / rho), sig[-1].item() ** (1 / rho)
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])
+
+
+def _denoised(eps_fn: EpsFn, x: torch.Tensor, sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x0 estimate at noise level sigma: the UNet sees x / sqrt(sigma^2 + 1) at t(sigma)."""
+    t = sigma_to_t(sigma, sigmas).expand(x.shape[0]).to(x.device)
+    c_in = (sigma**2 + 1) ** -0.5
+    eps = eps_fn(x * c_in.to(x.dtype), t.to(torch.float32))
+    return x - sigma.to(x.dtype) * eps
+
+
+@torch.no_grad()
+def sample_euler(eps_fn, x, alphas_cumprod, sigmas, progress=False):
+    """Euler (Karras et al. 2022 alg. 2 without churn). x starts at sigmas[0] scale (x_T * sigmas[0])."""
+    model_sig = model_sigmas(alphas_cumprod)
+    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="Euler"):
+        d = (x - _denoised(eps_fn, x, sigmas[i], model_sig)) / sigmas[i].to(x.dtype)
+        x = x + d * (sigmas[i + 1] - sigmas[i]).to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(eps_fn, x, alphas_cumprod, sigmas, noise_fn, eta=1.0, progress=False):
+    """Euler ancestral: an Euler step to sigma_down, then fresh noise of scale sigma_up."""
+    model_sig = model_sigmas(alphas_cumprod)
+    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="Euler a"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        den = _denoised(eps_fn, x, s, model_sig)
+        s_up = min(s_next, eta * (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5)
+        s_down = (s_next**2 - s_up**2) ** 0.5
+        x = x + (x - den) / s.to(x.dtype) * (s_down - s).to(x.dtype)
+        if s_next > 0:
+            x = x + noise_fn() * s_up.to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(eps_fn, x, alphas_cumprod, sigmas, progress=False):
+    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2) in k-diffusion's form (the sampler A1111 users know as
+    "DPM++ 2M"): exponential integrator in log sigma, first step first order, the last step (to sigma 0)
+    returns the denoised estimate. The UNet sees fractional timesteps, as k-diffusion (diffusers rounds)."""
+    model_sig = model_sigmas(alphas_cumprod)
+    old_den = None
+    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="DPM++ 2M"):
+        den = _denoised(eps_fn, x, sigmas[i], model_sig)
+        s, s_next = sigmas[i], sigmas[i + 1]
+        if s_next == 0:
+            x = den
+            break
+        t, t_next = -s.log(), -s_next.log()
+        h = t_next - t
+        if old_den is None:
+            d = den
+        else:
+            r = (t - (-sigmas[i - 1].log())) / h
+            d = (1 + 1 / (2 * r)).to(x.dtype) * den - (1 / (2 * r)).to(x.dtype) * old_den
+        x = (s_next / s).to(x.dtype) * x - torch.expm1(-h).to(x.dtype) * d
+        old_den = den
+    return x
+
+
+def batch_noise(shape: tuple[int, ...], seeds: list[int], dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Noise [B, ...] whose row i is drawn on the CPU from its own seed: an image does not depend on the
+    batch size or the device it is generated on."""
+    rows = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s), dtype=torch.float32) for s in seeds]
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+class _NoiseStream:
+    """Per-image generators for the noise drawn during sampling (eta > 0, ancestral samplers)."""
+
+    def __init__(self, shape, seeds, dtype, device):
+        self.shape, self.dtype, self.device = shape, dtype, device
+        # offset the stream so it never repeats the initial noise drawn from the same seed
+        self.gens = [torch.Generator().manual_seed(s + 0x5EED) for s in seeds]
+
+    def __call__(self) -> torch.Tensor:
+        rows = [torch.randn(self.shape[1:], generator=g) for g in self.gens]
+        return torch.stack(rows).to(device=self.device, dtype=self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One-call API
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sample(
+    model,
+    c: torch.Tensor,
+    uc: torch.Tensor | None,
+    x_T: torch.Tensor | None = None,  # noqa: N803 (CompVis name)
+    sampler: str = "ddim",
+    steps: int = 50,
+    scale: float = 7.5,
+    eta: float = 0.0,
+    seed: int | list[int] | None = None,
+    shape: tuple[int, int] | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Latents [B, 4, h, w] (scaled, ready for `decode_first_stage`) for conditioning c [B, 77, C].
+
+    uc: the unconditional (negative prompt) conditioning for guidance, or None. x_T: the initial noise;
+    otherwise drawn per image from `seed + i` (or the given list of seeds) on the CPU, with latent size
+    `shape` = (h, w) (default 64 x 64). The same seeds give the same images at any batch size.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    p = next(model.parameters())
+    b = c.shape[0]
+    seeds = _seeds(seed, b)
+    h, w = shape or (64, 64)
+    lat_shape = (b, model.model.diffusion_model.cfg.in_channels, h, w)
+    x = x_T if x_T is not None else batch_noise(lat_shape, seeds, dtype=p.dtype, device=p.device)
+    eps_fn = cfg_denoiser(model, c, uc, scale)
+    noise_fn = _NoiseStream(tuple(x.shape), seeds, x.dtype, x.device)
+    ac = model.alphas_cumprod
+    if sampler == "ddim":
+        return sample_ddim(eps_fn, x, ac, steps, eta, noise_fn, progress=progress)
+    if sampler == "plms":
+        return sample_plms(eps_fn, x, ac, steps, progress=progress)
+    sigmas = (sigmas_karras if sampler == "dpmpp_2m" else sigmas_uniform)(ac, steps)
+    x = x * sigmas[0].to(x.dtype)
+    if sampler == "euler":
+        return sample_euler(eps_fn, x, ac, sigmas, progress=progress)
+    if sampler == "euler_a":
+        return sample_euler_ancestral(eps_fn, x, ac, sigmas, noise_fn, eta=1.0, progress=progress)
+    return sample_dpmpp_2m(eps_fn, x, ac, sigmas, progress=progress)
+
+
+def _seeds(seed: int | list[int] | None, n: int) -> list[int]:
+    if isinstance(seed, list):
+        if len(seed) != n:
+            raise ValueError(f"got {len(seed)} seeds for a batch of {n}")
+        return seed
+    base = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+    return [base + i for i in range(n)]
+
+
+__all__ = [
+    "SAMPLERS", "batch_noise", "cfg_denoiser", "ddim_timesteps", "sample", "sample_ddim", "sample_dpmpp_2m",
+    "sample_euler", "sample_euler_ancestral", "sample_plms", "sigmas_karras", "sigmas_uniform",
+]  # fmt: skip
