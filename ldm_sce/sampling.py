@@ -63,10 +63,14 @@ def _alpha_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """CompVis 'uniform' DDIM timesteps, ascending: range(0, T, T // S) + 1."""
+    """CompVis 'uniform' DDIM timesteps, ascending: range(0, T, T // S) + 1.
+
+    As the original, this can hold one step more than S when S does not divide T (S=30: 31 steps). Where
+    the original would index past the schedule (S=3 gives t=1000) that last entry is dropped."""
     if not 0 < steps <= num_train_timesteps:
         raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
-    return torch.arange(0, num_train_timesteps, num_train_timesteps // steps) + 1
+    ts = torch.arange(0, num_train_timesteps, num_train_timesteps // steps) + 1
+    return ts[ts < num_train_timesteps]
 
 
 def _ddim_alphas(alphas_cumprod: torch.Tensor, steps: int, x: torch.Tensor):
@@ -105,6 +109,15 @@ def sample_ddim(
         eps = eps_fn(x, torch.full((x.shape[0],), int(ts[i]), device=x.device))
         x, _ = _ddim_step(x, eps, a[i], a_prev[i], sigmas[i], noise_fn() if eta > 0 else None)
     return x
+
+
+def ddim_stochastic_encode(
+    alphas_cumprod: torch.Tensor, x0: torch.Tensor, steps: int, t_enc: int, noise: torch.Tensor
+) -> torch.Tensor:
+    """img2img (SDEdit) start as CompVis: noise x0 to the DDIM timestep of index t_enc; sampling then
+    runs `sample_ddim(..., t_start=t_enc)`, i.e. from index t_enc - 1 down to 0."""
+    _, a, _ = _ddim_alphas(alphas_cumprod, steps, x0)
+    return a[t_enc].sqrt() * x0 + (1 - a[t_enc]).sqrt() * noise
 
 
 @torch.no_grad()
@@ -246,7 +259,7 @@ def batch_noise(shape: tuple[int, ...], seeds: list[int], dtype=torch.float32, d
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
-class _NoiseStream:
+class NoiseStream:
     """Per-image generators for the noise drawn during sampling (eta > 0, ancestral samplers)."""
 
     def __init__(self, shape, seeds, dtype, device):
@@ -292,7 +305,7 @@ def sample(
     lat_shape = (b, model.model.diffusion_model.cfg.in_channels, h, w)
     x = x_T if x_T is not None else batch_noise(lat_shape, seeds, dtype=p.dtype, device=p.device)
     eps_fn = cfg_denoiser(model, c, uc, scale)
-    noise_fn = _NoiseStream(tuple(x.shape), seeds, x.dtype, x.device)
+    noise_fn = NoiseStream(tuple(x.shape), seeds, x.dtype, x.device)
     ac = model.alphas_cumprod
     if sampler == "ddim":
         return sample_ddim(eps_fn, x, ac, steps, eta, noise_fn, progress=progress)
@@ -317,6 +330,6 @@ def _seeds(seed: int | list[int] | None, n: int) -> list[int]:
 
 
 __all__ = [
-    "SAMPLERS", "batch_noise", "cfg_denoiser", "ddim_timesteps", "sample", "sample_ddim", "sample_dpmpp_2m",
+    "SAMPLERS", "NoiseStream", "batch_noise", "cfg_denoiser", "ddim_stochastic_encode", "ddim_timesteps", "sample", "sample_ddim", "sample_dpmpp_2m",
     "sample_euler", "sample_euler_ancestral", "sample_plms", "sigmas_karras", "sigmas_uniform",
 ]  # fmt: skip

@@ -68,6 +68,8 @@ def assert_close(ours, ref, rel):
 def test_ddim_timesteps_are_compvis_uniform():
     assert ddim_timesteps(5).tolist() == [1, 201, 401, 601, 801]
     assert ddim_timesteps(50)[-1].item() == 981
+    assert len(ddim_timesteps(30)) == 31  # the original's quirk, kept
+    assert ddim_timesteps(3).tolist() == [1, 334, 667]  # where the original indexes past the schedule
 
 
 @pytest.mark.parametrize("steps", [5, 20])

@@ -1,0 +1,98 @@
+"""tools/txt2img.py and tools/img2img.py end to end on a tiny checkpoint, as a user runs them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm_sce import load_model
+from ldm_sce.cli import to_pil
+from ldm_sce.sampling import sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(tool, *args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / tool), *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_ckpts):
+    return tiny_ckpts["sd1"][1]
+
+
+def test_txt2img_end_to_end(ckpt, tmp_path):
+    out = tmp_path / "out"
+    r = run("txt2img.py", "--ckpt", ckpt, "--config", "tiny-sd1", "--prompt", "a red square", "--negative-prompt",
+            "blurry", "--n_samples", 2, "--n_iter", 2, "--ddim_steps", 3, "--H", 16, "--W", 24, "--seed", 42,
+            "--precision", "full", "--json", "--outdir", out, "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in (out / "samples").glob("*.png"))
+    assert files == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    grid = Image.open(out / "grid-0000.png")
+    assert grid.size == (2 * 24, 2 * 16)
+    for i, name in enumerate(files):
+        img = Image.open(out / "samples" / name)
+        assert img.size == (24, 16)
+        text = img.text["parameters"]
+        assert text.startswith("a red square\nNegative prompt: blurry\n")
+        assert f"Seed: {42 + i}" in text and "Sampler: DDIM" in text and "Size: 24x16" in text
+        meta = json.loads((out / "samples" / name).with_suffix(".json").read_text())
+        assert meta["seed"] == 42 + i and meta["steps"] == 3
+
+    # image 3 is exactly what the library makes for seed 45, alone
+    model = load_model(ckpt, config="tiny-sd1")
+    c = model.get_learned_conditioning(["a red square"])
+    uc = model.get_learned_conditioning(["blurry"])
+    with torch.no_grad():
+        ref = to_pil(model.decode_first_stage(sample(model, c, uc, steps=3, seed=45, shape=(8, 12))))[0]
+    diff = np.abs(np.asarray(ref, dtype=int) - np.asarray(Image.open(out / "samples" / "00003.png"), dtype=int))
+    assert diff.max() <= 1  # a rounding flip at most (batched vs single matmuls)
+
+    # a second run numbers on from the existing files
+    r = run("txt2img.py", "--ckpt", ckpt, "--config", "tiny-sd1", "--ddim_steps", 2, "--H", 16, "--W", 16,
+            "--outdir", out, "--skip_grid", "--quiet", "--sampler", "dpmpp_2m")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (out / "samples" / "00004.png").exists() and not (out / "grid-0001.png").exists()
+    assert "Sampler: DPM++ 2M Karras" in Image.open(out / "samples" / "00004.png").text["parameters"]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"--H": 20}, "multiples of 8"),
+        ({"--ckpt": "missing.ckpt"}, "checkpoint not found"),
+        ({"--from-file": "no-such-prompts.txt"}, "cannot read prompts"),
+        ({"--plms": None, "--ddim_eta": 0.5}, "must be 0 with PLMS"),
+        ({"--config": "tiny-sd2"}, "does not match"),
+    ],
+)
+def test_txt2img_bad_arguments_give_one_line(ckpt, tmp_path, override, message):
+    opts = {"--ckpt": ckpt, "--config": "tiny-sd1", "--H": 16, "--W": 16, "--outdir": tmp_path, **override}
+    argv = [x for k, v in opts.items() for x in ((k,) if v is None else (k, v))]
+    r = run("txt2img.py", *argv, "--ddim_steps", 2, "--quiet")
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_img2img_end_to_end(ckpt, tmp_path):
+    init = tmp_path / "init.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (20, 27, 3), dtype=np.uint8)).save(init)
+    out = tmp_path / "out"
+    r = run("img2img.py", "--ckpt", ckpt, "--config", "tiny-sd1", "--init-img", init, "--strength", 0.5,
+            "--ddim_steps", 4, "--n_samples", 2, "--outdir", out, "--precision", "full", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    imgs = sorted((out / "samples").glob("*.png"))
+    assert len(imgs) == 2 and Image.open(imgs[0]).size == (24, 16)  # cropped down to multiples of 8
+    assert "Denoising strength: 0.5" in Image.open(imgs[0]).text["parameters"]
+    r = run("img2img.py", "--ckpt", ckpt, "--config", "tiny-sd1", "--init-img", init, "--strength", 0, "--quiet")
+    assert r.returncode == 2 and "--strength" in r.stderr
+    init.write_bytes(b"not a png")
+    r = run("img2img.py", "--ckpt", ckpt, "--config", "tiny-sd1", "--init-img", init, "--quiet")
+    assert r.returncode == 2 and "cannot read image" in r.stderr

@@ -1,0 +1,78 @@
+"""Text to image, with the CompVis `scripts/txt2img.py` arguments.
+
+    python tools/txt2img.py --ckpt weights/v1-5-pruned-emaonly.safetensors --prompt "a red bicycle"
+
+Writes <outdir>/samples/NNNNN.png (one per image, seed + i) and <outdir>/grid-NNNN.png; every PNG carries
+its parameters in a `parameters` text chunk (AUTOMATIC1111's convention), `--json` adds a sidecar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldm_sce import cli  # noqa: E402
+from ldm_sce.sampling import sample  # noqa: E402
+
+
+def main(args: argparse.Namespace) -> None:
+    # -- arguments and model --
+    cli.check_args(args)
+    model = cli.load(args)
+    cli.check_size(model, args.H, args.W)
+    f, _ = cli.latent_factor(model)
+    prompts = cli.read_prompts(args)
+
+    outdir = Path(args.outdir)
+    sample_dir = outdir / "samples"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    index = cli.next_index(sample_dir, "[0-9][0-9][0-9][0-9][0-9].png")
+    seed = args.seed
+
+    # -- sampling --
+    images, first_params = [], None
+    with torch.no_grad(), cli.precision_context(args):
+        for batch in cli.batches(prompts, args.n_samples, args.n_iter):
+            n = len(batch)
+            c = model.get_learned_conditioning(batch)
+            uc = model.get_learned_conditioning([args.negative_prompt] * n) if args.scale != 1.0 else None
+            seeds = list(range(seed, seed + n))
+            seed += n
+            z = sample(model, c, uc, sampler=args.sampler, steps=args.ddim_steps, scale=args.scale,
+                       eta=args.ddim_eta, seed=seeds, shape=(args.H // f, args.W // f), progress=not args.quiet)  # fmt: skip
+            batch_images = cli.to_pil(model.decode_first_stage(z))
+
+            # -- outputs: one numbered PNG per image, parameters inside --
+            for img, prompt, s in zip(batch_images, batch, seeds, strict=True):
+                params = {
+                    "prompt": prompt, "negative_prompt": args.negative_prompt, "steps": args.ddim_steps,
+                    "sampler": args.sampler, "scale": args.scale, "seed": s, "width": args.W, "height": args.H,
+                    "model": Path(args.ckpt).stem, "extra": {"Eta": args.ddim_eta} if args.sampler == "ddim" else {},
+                }  # fmt: skip
+                cli.save_png(img, sample_dir / f"{index:05}.png", params, args.json)
+                first_params = first_params or params
+                index += 1
+            images += batch_images
+
+    if not args.skip_grid:
+        grid_index = cli.next_index(outdir, "grid-[0-9][0-9][0-9][0-9].png")
+        grid = cli.make_grid(images, n_cols=args.n_samples)
+        cli.save_png(grid, outdir / f"grid-{grid_index:04}.png", first_params, sidecar=False)
+    print(f"Your samples are ready and waiting for you here: {outdir}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_common_args(p)
+    p.add_argument("--H", type=int, default=512, help="image height in pixels")
+    p.add_argument("--W", type=int, default=512, help="image width in pixels")
+    return p
+
+
+if __name__ == "__main__":
+    cli.run_cli(main, parser())
