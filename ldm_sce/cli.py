@@ -18,8 +18,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .checkpoint_io import CheckpointError, load_model
+from .conditions import CONDITIONS, condition_tensor, make_condition
 from .config import ConfigError
 from .sampling import SAMPLERS
+from .tuner_files import load_tuner
+from .tuners import Control
 
 SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M Karras"}
 
@@ -49,6 +52,65 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="also write each image's parameters as a .json sidecar")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_tuner_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SCEdit tuners and controllers")
+    g.add_argument("--tuner", type=str, help="SC-Tuner file (ours, or an official swift/scepter file or folder)")
+    g.add_argument("--tuner-scale", type=float, default=1.0, help="skip + s * (T(skip) - skip)")
+    g.add_argument("--control", action="append", default=[], help="CSC-Tuner controller file; repeatable")
+    g.add_argument("--control-image", action="append", default=[], help="one image per --control, in order")
+    g.add_argument("--control-type", action="append", default=[], choices=CONDITIONS,
+                   help="how to make the condition from the image (default: the controller's own)")  # fmt: skip
+    g.add_argument("--control-weight", action="append", default=[], type=float, help="w_i per --control (1.0)")
+    g.add_argument("--control-mask", type=str, help="inpainting mask (white = masked); random if absent")
+    g.add_argument("--control-scale", type=float, default=1.0, help="global control scale (paper eq. 7)")
+    g.add_argument("--control-start", type=float, default=0.0, help="fraction of sampling where control starts")
+    g.add_argument("--control-end", type=float, default=1.0, help="fraction of sampling where control ends")
+
+
+def _per_control(values: list, n: int, name: str, default):
+    if not values:
+        return [default] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise UsageError(f"{name} is given {len(values)} times for {n} --control files")
+    return values
+
+
+def attach_tuners(model, args: argparse.Namespace, width: int, height: int, outdir: Path) -> Control | None:
+    """Attach --tuner and --control files to the model; returns the Control (hints computed once) or None.
+    Conditions are made at 8x the latent size (the hint encoder's factor; the image size for SD) and saved
+    to <outdir>/control-<i>-<type>.png."""
+    f, _ = latent_factor(model)
+    width, height = width // f * 8, height // f * 8
+    try:
+        if args.tuner:
+            load_tuner(model, args.tuner)
+        n = len(args.control)
+        if len(args.control_image) != n:
+            raise UsageError(f"{n} --control file(s) but {len(args.control_image)} --control-image(s): give one each")
+        if not 0.0 <= args.control_start <= args.control_end <= 1.0:
+            raise UsageError("need 0 <= --control-start <= --control-end <= 1")
+        types = _per_control(args.control_type, n, "--control-type", None)
+        weights = _per_control(args.control_weight, n, "--control-weight", 1.0)
+        mask = load_image(args.control_mask) if args.control_mask else None
+        hints = []
+        p = next(model.parameters())
+        for i, (path, image) in enumerate(zip(args.control, args.control_image, strict=True)):
+            ctrl = load_tuner(model, path)
+            kind = types[i] or ctrl.condition
+            if kind is None:
+                raise UsageError(f"{path} does not say which condition it takes: pass --control-type")
+            cond = make_condition(kind, load_image(image), width, height, mask=mask, seed=args.seed)
+            outdir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(cond).save(outdir / f"control-{i}-{kind}.png")
+            with torch.no_grad():
+                hints.append(ctrl.hints(condition_tensor(cond).to(p.device, p.dtype)))
+    except CheckpointError as e:
+        raise UsageError(str(e)) from e
+    return Control(hints, weights, args.control_scale) if n else None
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -122,6 +184,20 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> PIL images."""
     arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
+
+
+def extra_params(args: argparse.Namespace) -> dict:
+    """Generation parameters beyond the basic ones, for the PNG metadata."""
+    extra = {"Eta": args.ddim_eta} if args.sampler == "ddim" else {}
+    if args.tuner:
+        extra.update({"SC-Tuner": Path(args.tuner).stem, "Tuner scale": args.tuner_scale})
+    if args.control:
+        extra.update({
+            "Controls": [Path(path).stem for path in args.control], "Control types": args.control_type or "default",
+            "Control weights": args.control_weight or [1.0], "Control scale": args.control_scale,
+            "Control range": f"{args.control_start}-{args.control_end}",
+        })  # fmt: skip
+    return extra
 
 
 def a1111_parameters(p: dict) -> str:

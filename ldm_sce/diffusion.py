@@ -12,6 +12,7 @@ from torch import nn
 from .autoencoder import AutoencoderKL, DiagonalGaussianDistribution
 from .config import ModelConfig
 from .text_encoders import build_text_encoder
+from .tuners import Control
 from .unet import UNetModel
 
 SCHEDULE_BUFFERS = (
@@ -57,8 +58,8 @@ class DiffusionWrapper(nn.Module):
         super().__init__()
         self.diffusion_model = unet
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.diffusion_model(x, t, context)
+    def forward(self, x, t, context, tuner_scale: float = 1.0, control: Control | None = None) -> torch.Tensor:
+        return self.diffusion_model(x, t, context, tuner_scale, control)
 
 
 class LatentDiffusion(nn.Module):
@@ -83,9 +84,17 @@ class LatentDiffusion(nn.Module):
         return self.cond_stage_model.encode(list(prompts))
 
     # -- denoiser --------------------------------------------------------------------------------------
-    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """UNet output (eps or v, per `parameterization`) for latents x_noisy [B, 4, h, w] at integer t [B]."""
-        return self.model(x_noisy, t, cond)
+    def apply_model(
+        self,
+        x_noisy: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        tuner_scale: float = 1.0,
+        control: Control | None = None,
+    ) -> torch.Tensor:
+        """UNet output (eps or v, per `parameterization`) for latents x_noisy [B, 4, h, w] at timesteps t [B].
+        tuner_scale scales the attached SC-Tuners; control carries the CSC-Tuner hints (see tuners.py)."""
+        return self.model(x_noisy, t, cond, tuner_scale, control)
 
     # -- first stage -----------------------------------------------------------------------------------
     def encode_first_stage(self, x: torch.Tensor) -> DiagonalGaussianDistribution:

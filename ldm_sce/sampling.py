@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .tuners import Control
+
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("ddim", "plms", "euler", "euler_a", "dpmpp_2m")
 
@@ -26,16 +28,32 @@ SAMPLERS = ("ddim", "plms", "euler", "euler_a", "dpmpp_2m")
 # ---------------------------------------------------------------------------------------------------------
 
 
-def cfg_denoiser(model, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> EpsFn:
+def cfg_denoiser(
+    model,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    scale: float,
+    tuner_scale: float = 1.0,
+    control: Control | None = None,
+    control_range: tuple[float, float] = (0.0, 1.0),
+) -> EpsFn:
     """eps_fn with classifier-free guidance: one UNet call on cat([x, x]) with cat([uncond, cond]),
-    `e = e_u + scale * (e_c - e_u)`. With `uncond=None` or scale 1, a single conditional call."""
+    `e = e_u + scale * (e_c - e_u)`. With `uncond=None` or scale 1, a single conditional call.
+
+    tuner_scale and control go to the UNet (SCEdit). The control hints feed both CFG branches. Control acts
+    while the sampling progress 1 - t/T lies in control_range (0: pure noise, 1: clean image)."""
     ac = model.alphas_cumprod
+    guided = uncond is not None and scale != 1.0
+    batch_control = control.repeat(2) if control is not None and guided else control
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if uncond is None or scale == 1.0:
-            out = model.apply_model(x, t, cond)
+        progress = 1.0 - float(t.max()) / len(ac)
+        ctrl = batch_control if control_range[0] <= progress <= control_range[1] else None
+        if not guided:
+            out = model.apply_model(x, t, cond, tuner_scale, ctrl)
         else:
-            out_u, out_c = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+            x2, t2, c2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])
+            out_u, out_c = model.apply_model(x2, t2, c2, tuner_scale, ctrl).chunk(2)
             out = out_u + scale * (out_c - out_u)
         if model.parameterization == "v":  # linear in the output, so guiding v then converting equals guiding eps
             a = _alpha_at(ac, t).to(x.dtype).view(-1, 1, 1, 1)
@@ -289,12 +307,16 @@ def sample(
     seed: int | list[int] | None = None,
     shape: tuple[int, int] | None = None,
     progress: bool = False,
+    tuner_scale: float = 1.0,
+    control: Control | None = None,
+    control_range: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """Latents [B, 4, h, w] (scaled, ready for `decode_first_stage`) for conditioning c [B, 77, C].
 
     uc: the unconditional (negative prompt) conditioning for guidance, or None. x_T: the initial noise;
     otherwise drawn per image from `seed + i` (or the given list of seeds) on the CPU, with latent size
     `shape` = (h, w) (default 64 x 64). The same seeds give the same images at any batch size.
+    tuner_scale, control, control_range: SCEdit tuners and controllers, see `cfg_denoiser`.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -304,7 +326,7 @@ def sample(
     h, w = shape or (64, 64)
     lat_shape = (b, model.model.diffusion_model.cfg.in_channels, h, w)
     x = x_T if x_T is not None else batch_noise(lat_shape, seeds, dtype=p.dtype, device=p.device)
-    eps_fn = cfg_denoiser(model, c, uc, scale)
+    eps_fn = cfg_denoiser(model, c, uc, scale, tuner_scale, control, control_range)
     noise_fn = NoiseStream(tuple(x.shape), seeds, x.dtype, x.device)
     ac = model.alphas_cumprod
     if sampler == "ddim":

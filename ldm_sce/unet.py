@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import SpatialTransformer
 from .config import UNetConfig
+from .tuners import Control, CSCTuner, SCTuner, SkipIdentity
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -143,9 +144,43 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(cfg.model_channels, cfg.out_channels, 3, padding=1)
         )
+
+        # SCEdit: one tuner slot per skip (decoder order), parameter-free until a tuner is attached, and
+        # the attached CSC-Tuner controllers. Neither adds keys to the base model.
+        self.tuners = nn.ModuleList(SkipIdentity() for _ in self.output_blocks)
+        self.controllers = nn.ModuleList()
         self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def attach_sc_tuners(self, down_ratio: float = 1.0, skips: list[int] | None = None, op: str = "linear"):
+        """Put fresh (identity) SC-Tuners on the given skips (decoder order; default all); returns them."""
+        skips = range(len(self.output_blocks)) if skips is None else skips
+        if any(not 0 <= m < len(self.output_blocks) for m in skips):
+            raise ValueError(f"skip indices {list(skips)} out of range: this UNet has {len(self.output_blocks)} skips")
+        chans = self.cfg.skip_channels()
+        p = next(self.parameters())
+        for m in skips:
+            self.tuners[m] = SCTuner(chans[m], down_ratio, op).to(p.device, p.dtype)
+        return [self.tuners[m] for m in skips]
+
+    def attach_controller(self, controller: CSCTuner) -> CSCTuner:
+        self.controllers.append(controller)
+        return controller
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        tuner_scale: float = 1.0,
+        control: Control | None = None,
+    ) -> torch.Tensor:
+        """control: hints for the attached controllers (see `Control`); None or empty: no control."""
+        control = control or Control()
+        if control.hints and not len(control.hints) == len(control.weights) == len(self.controllers):
+            raise ValueError(
+                f"control has {len(control.hints)} hint sets and {len(control.weights)} weights; "
+                f"{len(self.controllers)} controllers are attached"
+            )
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))  # [B, 4C]
 
         # -- encoder: every block's output is a skip connection --
@@ -158,10 +193,13 @@ class UNetModel(nn.Module):
         # -- middle --
         h = self.middle_block(h, emb, context)
 
-        # -- decoder: pop the matching skip, concatenate (h first), run the block --
-        for module in self.output_blocks:
+        # -- decoder: pop the matching skip, edit it (SCEdit), concatenate (h first), run the block --
+        for i, module in enumerate(self.output_blocks):
             skip = hs.pop()
-            h = torch.cat([h, skip], dim=1)
+            edited = self.tuners[i](skip, tuner_scale)  # skip + s * (T(skip) - skip); identity without tuner
+            for ctrl, hints, w in zip(self.controllers, control.hints, control.weights, strict=False):
+                edited = edited + (control.scale * w) * ctrl.residual(i, skip, hints[i])  # CSC-Tuner, eq. 7
+            h = torch.cat([h, edited], dim=1)
             h = module(h, emb, context)
 
         return self.out(h).contiguous()

@@ -39,6 +39,7 @@ def main(args: argparse.Namespace) -> None:
         raise cli.UsageError("--strength * --ddim_steps must be at least 1 step")
 
     outdir = Path(args.outdir)
+    control = cli.attach_tuners(model, args, w, h, outdir)
     sample_dir = outdir / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
     index = cli.next_index(sample_dir, "[0-9][0-9][0-9][0-9][0-9].png")
@@ -61,7 +62,8 @@ def main(args: argparse.Namespace) -> None:
             z = ddim_stochastic_encode(model.alphas_cumprod, z0, args.ddim_steps, t_enc, noise)
             c = model.get_learned_conditioning(batch)
             uc = model.get_learned_conditioning([args.negative_prompt] * n) if args.scale != 1.0 else None
-            eps_fn = cfg_denoiser(model, c, uc, args.scale)
+            eps_fn = cfg_denoiser(model, c, uc, args.scale, args.tuner_scale, control,
+                                  (args.control_start, args.control_end))  # fmt: skip
             if args.sampler == "ddim":
                 noise_fn = NoiseStream(tuple(z.shape), seeds, z.dtype, z.device)
                 z = sample_ddim(eps_fn, z, model.alphas_cumprod, args.ddim_steps, args.ddim_eta, noise_fn,
@@ -78,7 +80,8 @@ def main(args: argparse.Namespace) -> None:
                     "prompt": prompt, "negative_prompt": args.negative_prompt, "steps": args.ddim_steps,
                     "sampler": args.sampler, "scale": args.scale, "seed": s, "width": w, "height": h,
                     "model": Path(args.ckpt).stem,
-                    "extra": {"Denoising strength": args.strength, "Init image": Path(args.init_img).name},
+                    "extra": {"Denoising strength": args.strength, "Init image": Path(args.init_img).name,
+                              **cli.extra_params(args)},
                 }  # fmt: skip
                 cli.save_png(img, sample_dir / f"{index:05}.png", params, args.json)
                 index += 1
@@ -93,6 +96,7 @@ def main(args: argparse.Namespace) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_common_args(p)
+    cli.add_tuner_args(p)
     p.set_defaults(outdir="outputs/img2img-samples")
     p.add_argument("--init-img", type=str, required=True, help="path to the input image")
     p.add_argument("--strength", type=float, default=0.75, help="0: keep the image, 1: ignore it")

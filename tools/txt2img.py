@@ -29,6 +29,7 @@ def main(args: argparse.Namespace) -> None:
     prompts = cli.read_prompts(args)
 
     outdir = Path(args.outdir)
+    control = cli.attach_tuners(model, args, args.W, args.H, outdir)
     sample_dir = outdir / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
     index = cli.next_index(sample_dir, "[0-9][0-9][0-9][0-9][0-9].png")
@@ -44,7 +45,9 @@ def main(args: argparse.Namespace) -> None:
             seeds = list(range(seed, seed + n))
             seed += n
             z = sample(model, c, uc, sampler=args.sampler, steps=args.ddim_steps, scale=args.scale,
-                       eta=args.ddim_eta, seed=seeds, shape=(args.H // f, args.W // f), progress=not args.quiet)  # fmt: skip
+                       eta=args.ddim_eta, seed=seeds, shape=(args.H // f, args.W // f), progress=not args.quiet,
+                       tuner_scale=args.tuner_scale, control=control,
+                       control_range=(args.control_start, args.control_end))  # fmt: skip
             batch_images = cli.to_pil(model.decode_first_stage(z))
 
             # -- outputs: one numbered PNG per image, parameters inside --
@@ -52,7 +55,7 @@ def main(args: argparse.Namespace) -> None:
                 params = {
                     "prompt": prompt, "negative_prompt": args.negative_prompt, "steps": args.ddim_steps,
                     "sampler": args.sampler, "scale": args.scale, "seed": s, "width": args.W, "height": args.H,
-                    "model": Path(args.ckpt).stem, "extra": {"Eta": args.ddim_eta} if args.sampler == "ddim" else {},
+                    "model": Path(args.ckpt).stem, "extra": cli.extra_params(args),
                 }  # fmt: skip
                 cli.save_png(img, sample_dir / f"{index:05}.png", params, args.json)
                 first_params = first_params or params
@@ -69,6 +72,7 @@ def main(args: argparse.Namespace) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_common_args(p)
+    cli.add_tuner_args(p)
     p.add_argument("--H", type=int, default=512, help="image height in pixels")
     p.add_argument("--W", type=int, default=512, help="image width in pixels")
     return p

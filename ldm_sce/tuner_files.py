@@ -1,0 +1,223 @@
+"""Tuner files: the project's own format, import of the official SCEdit formats, and attaching to a model.
+
+Own format: one `.safetensors` file whose keys are the module's attribute names (`tuners.{m}.ln1.weight`
+for SC-Tuners, m in decoder order; `pre_hint_blocks.*`, `dense_hint_blocks.*`, `lsc_tuner_blocks.*` for a
+CSC-Tuner controller) and whose metadata says what it is, so it loads with no other file:
+`ldm_sce.tuner` = JSON {kind: 'sc'|'csc', base: 'sd1'|'sd2'|None, skip_dims, skips, down_ratio, op,
+kernel, hint_channels, hint_ratio, condition, training}.
+
+Official formats (SPEC section 5), recognised from their key names:
+- swift adapter dir (`0_SwiftSCETuning/adapter_model.safetensors|.bin`):
+  `model.lsc_identity.{m}.scetuner_0_SwiftSCETuning.tuner_op.ln{1,2}.*`
+- native scepter checkpoint (`ldm_step-N/pytorch_model.bin`): `model.lsc_identity.{m}.tuner_op.ln{1,2}.*`
+- released controller dir (`0_SwiftSCETuning/pytorch_model.bin`): `[model.]0.pre_hint_blocks.*`,
+  `0.dense_hint_blocks.{i}.1.*`, `0.lsc_tuner_blocks.{m}.tuner_op.*`
+Their structure (dims, down ratio, kernel, hint width) is read from the weights' shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint_io import CheckpointError, read_checkpoint
+from .tuners import CSCTuner, SCTuner
+
+META_KEY = "ldm_sce.tuner"
+
+
+@dataclass
+class TunerFile:
+    kind: str  # 'sc' or 'csc'
+    state_dict: dict[str, torch.Tensor]
+    skip_dims: list[int]
+    skips: list[int]
+    base: str | None = None
+    down_ratio: float = 1.0
+    op: str = "linear"
+    kernel: int = 1
+    hint_channels: int = 256
+    hint_ratio: int = 1
+    condition: str | None = None
+    training: dict = field(default_factory=dict)
+
+    def metadata(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "state_dict"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading and writing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def save_tuner_file(tf: TunerFile, path: str | Path) -> None:
+    """Write atomically: a temporary file in the same folder, then rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tf.state_dict.items()}
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(tf.metadata())})
+    os.replace(tmp, path)
+
+
+def read_tuner_file(path: str | Path) -> TunerFile:
+    """Our format, or any official SCEdit layout (a file or a directory holding one)."""
+    path = _resolve(Path(path))
+    sd, extras = read_checkpoint(path)
+    if META_KEY in extras:
+        meta = json.loads(extras[META_KEY])
+        return TunerFile(state_dict=sd, **meta)
+    return _from_official(sd, path)
+
+
+def _resolve(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in ("adapter_model.safetensors", "adapter_model.bin", "pytorch_model.bin", "model.safetensors"):
+            for candidate in [path / name, path / "0_SwiftSCETuning" / name]:
+                if candidate.is_file():
+                    return candidate
+        raise CheckpointError(f"{path}: no tuner weights found (adapter_model.safetensors/.bin or pytorch_model.bin)")
+    raise CheckpointError(f"tuner not found: {path}")
+
+
+_SC_KEY = re.compile(r"^(?:model\.)?lsc_identity\.(\d+)\.(?:scetuner_\d+_\w+\.)?tuner_op\.(ln[12]\.(?:weight|bias))$")
+_CSC_KEY = re.compile(r"^(?:model\.)?0\.(pre_hint_blocks|dense_hint_blocks|lsc_tuner_blocks)\.(.+)$")
+
+
+def _from_official(sd: dict[str, torch.Tensor], path: Path) -> TunerFile:
+    if sd and all(_SC_KEY.match(k) for k in sd):
+        out = {}
+        for k, v in sd.items():
+            m, rest = _SC_KEY.match(k).groups()
+            out[f"tuners.{int(m)}.{rest}"] = v
+        skips = sorted({int(k.split(".")[1]) for k in out})
+        dims = [out[f"tuners.{m}.ln1.weight"].shape[1] for m in skips]
+        return TunerFile("sc", out, _full_dims(skips, dims), skips, down_ratio=_ratio(out, "tuners", skips[0]))
+    if sd and all(_CSC_KEY.match(k) for k in sd):
+        out = {}
+        for k, v in sd.items():
+            part, rest = _CSC_KEY.match(k).groups()
+            out[f"{part}.{rest.replace('tuner_op.', '')}"] = v
+        n = len({k.split(".")[1] for k in out if k.startswith("lsc_tuner_blocks.")})
+        dims = [out[f"lsc_tuner_blocks.{m}.ln1.weight"].shape[1] for m in range(n)]
+        dense = out["dense_hint_blocks.0.1.weight"]
+        return TunerFile(
+            "csc", out, dims, list(range(n)), kernel=dense.shape[-1], hint_channels=dense.shape[1],
+            hint_ratio=out["pre_hint_blocks.0.weight"].shape[0] // 16, down_ratio=_ratio(out, "lsc_tuner_blocks", 0),
+        )  # fmt: skip
+    raise CheckpointError(
+        f"{path}: not a tuner file: neither our format (metadata '{META_KEY}') nor an official SCEdit layout "
+        f"(lsc_identity.* tuners or 0.pre_hint_blocks.* controllers). First keys: {list(sd)[:4]}"
+    )
+
+
+def _ratio(sd, prefix, m) -> float:
+    w = sd[f"{prefix}.{m}.ln1.weight"]
+    return w.shape[0] / w.shape[1]
+
+
+def _full_dims(skips: list[int], dims: list[int]) -> list[int]:
+    """Skip dims indexed by skip number; unknown (untuned) skips are 0."""
+    full = [0] * (max(skips) + 1)
+    for m, d in zip(skips, dims, strict=True):
+        full[m] = d
+    return full
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attaching to a model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_base(tf: TunerFile, model, path) -> None:
+    model_dims = model.cfg.unet.skip_channels()
+    bad = len(tf.skip_dims) > len(model_dims) or any(
+        d and d != model_dims[m] for m, d in enumerate(tf.skip_dims) if m < len(model_dims)
+    )
+    if tf.kind == "csc" and len(tf.skip_dims) != len(model_dims):
+        bad = True
+    if bad:
+        raise CheckpointError(
+            f"{path}: this {tf.kind} tuner was made for a UNet with skip dims {tf.skip_dims} "
+            f"({tf.base or 'base unknown'}), but the model ({model.cfg.family}) has {model_dims}; "
+            "use a tuner trained for this base model"
+        )
+    if tf.base is not None and tf.base != model.cfg.family:
+        raise CheckpointError(
+            f"{path}: tuner made for {tf.base}, model is {model.cfg.family}; the skip dims agree but the "
+            "features do not: use a tuner trained for this base model"
+        )
+
+
+def load_tuner(model, path: str | Path, condition: str | None = None):
+    """Attach the tuner in `path` (our format or an official one) to `model` (a LatentDiffusion).
+    Returns the attached SC-Tuners (list) or the CSCTuner controller."""
+    tf = read_tuner_file(path)
+    _check_base(tf, model, path)
+    unet = model.model.diffusion_model
+    p = next(unet.parameters())
+    if tf.kind == "sc":
+        tuners = unet.attach_sc_tuners(tf.down_ratio, tf.skips, tf.op)
+        for m, tuner in zip(tf.skips, tuners, strict=True):
+            _strict_load(
+                tuner,
+                {k[len(f"tuners.{m}.") :]: v for k, v in tf.state_dict.items() if k.startswith(f"tuners.{m}.")},
+                path,
+            )
+        unexpected = [k for k in tf.state_dict if int(k.split(".")[1]) not in tf.skips]
+        if unexpected:
+            raise CheckpointError(f"{path}: keys for skips not listed in its metadata: {unexpected[:5]}")
+        return tuners
+    ctrl = CSCTuner(model.cfg.unet, tf.kernel, tf.hint_channels, tf.hint_ratio, tf.down_ratio).to(p.device, p.dtype)
+    _strict_load(ctrl, tf.state_dict, path)
+    ctrl.condition = condition or tf.condition
+    return unet.attach_controller(ctrl.eval().requires_grad_(False))
+
+
+def _strict_load(module: torch.nn.Module, sd: dict[str, torch.Tensor], path) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [
+        f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{path}: tuner weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {shapes[:5]}"
+        )
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()})
+
+
+def sc_tuner_file(model, training: dict | None = None) -> TunerFile:
+    """The SC-Tuners attached to `model` as a TunerFile (for `save_tuner_file`)."""
+    unet = model.model.diffusion_model
+    skips = [m for m, t in enumerate(unet.tuners) if isinstance(t, SCTuner)]
+    if not skips:
+        raise ValueError("the model has no SC-Tuners attached")
+    first = unet.tuners[skips[0]]
+    sd = {f"tuners.{m}.{k}": v for m in skips for k, v in unet.tuners[m].state_dict().items()}
+    return TunerFile(
+        "sc", sd, model.cfg.unet.skip_channels(), skips, base=model.cfg.family, op=first.op,
+        down_ratio=first.ln1.weight.shape[0] / first.ln1.weight.shape[1],
+        training=training or {},
+    )  # fmt: skip
+
+
+def csc_tuner_file(model, controller: CSCTuner, condition: str | None, training: dict | None = None) -> TunerFile:
+    w = controller.lsc_tuner_blocks[0].ln1.weight
+    return TunerFile(
+        "csc", controller.state_dict(), model.cfg.unet.skip_channels(), list(range(len(controller.lsc_tuner_blocks))),
+        base=model.cfg.family, down_ratio=w.shape[0] / w.shape[1], kernel=controller.kernel,
+        hint_channels=controller.pre_hint_blocks[-1].out_channels,
+        hint_ratio=controller.pre_hint_blocks[0].out_channels // 16, condition=condition, training=training or {},
+    )  # fmt: skip

@@ -1,0 +1,148 @@
+"""SCEdit tuners (Jiang et al., CVPR 2024): SC-Tuner (eq. 5-6) and CSC-Tuner (eq. 7, fig. 4c).
+
+Both edit the UNet's skip connections, one per output block in decoder order (see `UNetModel.forward`):
+
+    skip' = skip + tuner_scale * (T(skip) - skip) + control_scale * sum_i w_i * c_i(skip)
+
+- SC-Tuner: T(x) = x + ln2(GELU(ln1(x))), token-wise over channels; ln2 is zero-initialised, so a fresh
+  tuner is an exact identity.
+- CSC-Tuner (controller i): a hint encoder takes the condition image (RGB in [0, 1], 8x the latent size)
+  to the latent resolution; chained zero-initialised dense convs give one hint per skip (matching its
+  channels and resolution); c_i = hint + MLP(skip + hint), MLP being an SC-Tuner's ln2(GELU(ln1(.))).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import UNetConfig
+
+
+class SkipIdentity(nn.Module):
+    """The tuner slot of a skip without a tuner: no parameters, so the base model's keys are unchanged."""
+
+    def forward(self, skip: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return skip
+
+
+class SCTuner(nn.Module):
+    """T(x) = x + ln2(GELU(ln1(x))) on a skip x [B, d, H, W]; hidden width L = int(d * down_ratio).
+
+    op 'linear' (the paper's default): ln1/ln2 are Linear layers applied to each position's channels.
+    op 'conv' (paper tab. 5c): 3x3 convolutions instead (with down_ratio 1/8: 22.13M parameters on SD1.5).
+    """
+
+    def __init__(self, dim: int, down_ratio: float = 1.0, op: str = "linear"):
+        super().__init__()
+        hidden = int(dim * down_ratio + 1e-9)  # int(d * ratio) as the official code; robust to L/d round trips
+        if op == "linear":
+            self.ln1, self.ln2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        elif op == "conv":
+            self.ln1, self.ln2 = nn.Conv2d(dim, hidden, 3, padding=1), nn.Conv2d(hidden, dim, 3, padding=1)
+        else:
+            raise ValueError(f"tuner op must be 'linear' or 'conv', got {op!r}")
+        self.op = op
+        nn.init.zeros_(self.ln2.weight)
+        nn.init.zeros_(self.ln2.bias)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """ln2(GELU(ln1(x))): [B, d, H, W] -> [B, d, H, W]."""
+        if self.op == "conv":
+            return self.ln2(F.gelu(self.ln1(x)))
+        y = self.ln2(F.gelu(self.ln1(x.permute(0, 2, 3, 1))))  # tokens [B, H, W, d]
+        return y.permute(0, 3, 1, 2)
+
+    def forward(self, skip: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """skip + scale * (T(skip) - skip)."""
+        return skip + scale * self.delta(skip)
+
+
+def encoder_layout(cfg: UNetConfig) -> tuple[list[int], list[bool]]:
+    """Channels of each encoder block's output (= skip, encoder order) and whether that block halves the
+    resolution (the Downsample blocks)."""
+    chans, down = [cfg.model_channels], [False]
+    for level, mult in enumerate(cfg.channel_mult):
+        chans += [cfg.model_channels * mult] * cfg.num_res_blocks
+        down += [False] * cfg.num_res_blocks
+        if level != len(cfg.channel_mult) - 1:
+            chans.append(cfg.model_channels * mult)
+            down.append(True)
+    return chans, down
+
+
+class CSCTuner(nn.Module):
+    """A controller: condition image -> one hint per skip, and the per-skip tuner MLPs (`lsc_tuner_blocks`).
+
+    Keys as the official released controllers: `pre_hint_blocks.{0,2,..,12}`, `dense_hint_blocks.{i}.1`
+    (encoder order), `lsc_tuner_blocks.{m}.{ln1,ln2}` (decoder order).
+    """
+
+    def __init__(
+        self,
+        cfg: UNetConfig,
+        kernel: int = 1,
+        hint_channels: int = 256,
+        hint_ratio: int = 1,
+        down_ratio: float = 1.0,
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        if kernel not in (1, 3):
+            raise ValueError(f"dense hint kernel must be 1 or 3, got {kernel}")
+        self.kernel = kernel
+        self.condition: str | None = None  # what the hints are made from (canny, color, ...), from the file
+        r = hint_ratio
+        widths = [in_channels, 16 * r, 16 * r, 32 * r, 32 * r, 96 * r, 96 * r, hint_channels]
+        strides = [1, 1, 2, 1, 2, 1, 2]  # three halvings: image size -> latent size
+        layers: list[nn.Module] = []
+        for i, stride in enumerate(strides):
+            layers += [nn.Conv2d(widths[i], widths[i + 1], 3, stride=stride, padding=1), nn.SiLU()]
+        self.pre_hint_blocks = nn.Sequential(*layers[:-1])  # no activation after the last conv
+
+        chans, down = encoder_layout(cfg)
+        self.dense_hint_blocks = nn.ModuleList()
+        ch = hint_channels
+        for out_ch, halves in zip(chans, down, strict=True):
+            conv = nn.Conv2d(ch, out_ch, kernel, stride=2 if halves else 1, padding=kernel // 2)
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+            self.dense_hint_blocks.append(nn.Sequential(nn.SiLU(), conv))
+            ch = out_ch
+        self.lsc_tuner_blocks = nn.ModuleList(SCTuner(c, down_ratio) for c in chans[::-1])
+
+    def hints(self, cond: torch.Tensor) -> list[torch.Tensor]:
+        """Condition image [B, 3, 8h, 8w] in [0, 1] -> hints in decoder order, hint m shaped like skip m."""
+        h = self.pre_hint_blocks(cond)
+        out = []
+        for block in self.dense_hint_blocks:  # chained: each takes the previous one's output
+            h = block(h)
+            out.append(h)
+        return out[::-1]
+
+    def residual(self, m: int, skip: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+        """c = hint + MLP_m(skip + hint) for skip m (decoder order)."""
+        return hint + self.lsc_tuner_blocks[m].delta(skip + hint)
+
+
+@dataclass
+class Control:
+    """Per-call control for the UNet: the hints of each attached controller (`UNetModel.controllers`, same
+    order), their weights w_i, and the global control scale (paper eq. 7). An empty Control does nothing."""
+
+    hints: list[list[torch.Tensor]] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    scale: float = 1.0
+
+    def repeat(self, n: int) -> Control:
+        """The same control for a batch repeated n times (e.g. both halves of a CFG batch). Hints of batch
+        size 1 broadcast over any batch and are kept as they are."""
+        hints = [[h if h.shape[0] == 1 else h.repeat(n, 1, 1, 1) for h in hs] for hs in self.hints]
+        return Control(hints, list(self.weights), self.scale)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
