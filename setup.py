@@ -13,6 +13,7 @@ setup(
         "einops",
         "open_clip_torch>=2.20",  # its BPE tokenizer (ships the vocabulary) for both text encoders
         "safetensors>=0.4",
+        "opencv-python-headless",  # Canny edges and colour maps for controllers, as the official annotators
         "numpy",
         "pillow",
         "pyyaml",

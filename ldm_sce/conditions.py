@@ -100,4 +100,4 @@ def make_condition(
 
 def condition_tensor(cond: np.ndarray) -> torch.Tensor:
     """[H, W, 3] uint8 -> [1, 3, H, W] float in [0, 1] (no mean/std), as the controllers take it."""
-    return torch.from_numpy(cond).permute(2, 0, 1)[None].float() / 255.0
+    return torch.tensor(cond).permute(2, 0, 1)[None].float() / 255.0

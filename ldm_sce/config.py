@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types as types_mod
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -153,26 +155,51 @@ PRESETS: dict[str, ModelConfig] = {
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Instantiate dataclass `cls` from `data`, rejecting unknown keys and converting lists to tuples."""
+def build_dataclass(cls: type, data: dict[str, Any], where: str, sections: dict[str, type] | None = None) -> Any:
+    """Instantiate dataclass `cls` from plain data: unknown keys are errors naming them, nested mappings
+    become the dataclasses in `sections`, numbers are checked (YAML reads `1e-4` as a string: accepted as
+    a float) and lists become tuples where the field is a tuple."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        sub = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig}.get(name) if cls is ModelConfig else None
-        if sub is not None:
-            value = _build(sub, value, f"{where}.{name}")
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
+        if sections and name in sections:
+            kwargs[name] = build_dataclass(sections[name], value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, hints[name], f"{where}.{name}")
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from e
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    if value is None:
+        return value
+    types = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types_mod.UnionType) else (hint,)
+    if float in types and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if int in types and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if bool in types and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if any(typing.get_origin(t) is tuple for t in types) and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    return build_dataclass(cls, data, where, {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig})
 
 
 def config_from_dict(data: dict[str, Any], where: str = "config") -> ModelConfig:

@@ -116,7 +116,7 @@ class CSCTuner(nn.Module):
 
     def hints(self, cond: torch.Tensor) -> list[torch.Tensor]:
         """Condition image [B, 3, 8h, 8w] in [0, 1] -> hints in decoder order, hint m shaped like skip m."""
-        h = self.pre_hint_blocks(cond)
+        h = self.pre_hint_blocks(cond.contiguous(memory_format=torch.channels_last))  # the UNet's layout
         out = []
         for block in self.dense_hint_blocks:  # chained: each takes the previous one's output
             h = block(h)

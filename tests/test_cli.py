@@ -96,3 +96,36 @@ def test_img2img_end_to_end(ckpt, tmp_path):
     init.write_bytes(b"not a png")
     r = run("img2img.py", "--ckpt", ckpt, "--config", "tiny-sd1", "--init-img", init, "--quiet")
     assert r.returncode == 2 and "cannot read image" in r.stderr
+
+
+def test_txt2img_with_tuner_and_controllers(ckpt, tmp_path):
+    from ldm_sce.tuner_files import csc_tuner_file, save_tuner_file, sc_tuner_file
+    from ldm_sce.tuners import CSCTuner
+
+    model = load_model(ckpt, config="tiny-sd1")
+    unet = model.model.diffusion_model
+    for tuner in unet.attach_sc_tuners():
+        torch.nn.init.normal_(tuner.ln2.weight, std=0.05)
+    ctrl = unet.attach_controller(CSCTuner(model.cfg.unet))
+    torch.nn.init.normal_(ctrl.dense_hint_blocks[0][1].weight, std=0.05)
+    save_tuner_file(sc_tuner_file(model), tmp_path / "style.safetensors")
+    save_tuner_file(csc_tuner_file(model, ctrl, "canny"), tmp_path / "canny.safetensors")
+    Image.new("RGB", (40, 40), (255, 255, 255)).save(tmp_path / "cond.png")
+    common = ["--ckpt", ckpt, "--config", "tiny-sd1", "--ddim_steps", 2, "--H", 16, "--W", 16, "--quiet"]
+    out = tmp_path / "tuned"
+    r = run("txt2img.py", *common, "--outdir", out, "--tuner", tmp_path / "style.safetensors", "--tuner-scale", 0.7,
+            "--control", tmp_path / "canny.safetensors", "--control-image", tmp_path / "cond.png",
+            "--control", tmp_path / "canny.safetensors", "--control-image", tmp_path / "cond.png",
+            "--control-type", "canny", "--control-type", "color", "--control-weight", 0.6, "--control-weight", 0.4)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (out / "control-0-canny.png").exists() and (out / "control-1-color.png").exists()
+    assert Image.open(out / "control-0-canny.png").size == (64, 64)  # 8x the latent
+    text = Image.open(out / "samples" / "00000.png").text["parameters"]
+    assert "SC-Tuner: style" in text and "Tuner scale: 0.7" in text and "Control weights: [0.6, 0.4]" in text
+    base = tmp_path / "base"
+    assert run("txt2img.py", *common, "--outdir", base).returncode == 0
+    a = np.asarray(Image.open(out / "samples" / "00000.png"), dtype=int)
+    b = np.asarray(Image.open(base / "samples" / "00000.png"), dtype=int)
+    assert np.abs(a - b).max() > 0  # the tuners changed the image
+    r = run("txt2img.py", *common, "--outdir", base, "--control", tmp_path / "canny.safetensors")
+    assert r.returncode == 2 and "--control-image" in r.stderr

@@ -9,6 +9,10 @@ UNet2DConditionModel built from the same weights by diffusers' single-file conve
 alternately in one process (so both see the same machine state); the median of `--runs` timed runs each,
 after a warm-up.
 
+`infer`: UNet forward of the full-size config (random weights) without and with SCEdit: all 12 SC-Tuners,
+one CSC-Tuner controller (kernel 1 and 3), and both; the controller's hints are computed once per image,
+outside the timed steps (their cost is reported separately).
+
 `step`: seconds per DDIM sampling step with classifier-free guidance (B=1 image, so a UNet batch of 2),
 `ldm_sce.sample` vs diffusers' StableDiffusionPipeline denoising loop on the same UNet weights (given
 precomputed text embeddings, output_type="latent": the VAE decode is not timed).
@@ -89,6 +93,96 @@ def bench_unet(args) -> dict:
     }
 
 
+def bench_infer(args) -> dict:
+    from ldm_sce.tuners import Control, CSCTuner, SkipIdentity
+
+    torch.manual_seed(0)
+    cfg = PRESETS[args.preset]
+    unet = UNetModel(cfg.unet).eval().requires_grad_(False)
+    x = torch.randn(args.batch, 4, args.latent, args.latent)
+    t = torch.full((args.batch,), 500)
+    ctx = torch.randn(args.batch, 77, cfg.unet.context_dim)
+    ctrls = {k: CSCTuner(cfg.unet, kernel=k).eval().requires_grad_(False) for k in (1, 3)}
+    for ctrl in ctrls.values():
+        for p in ctrl.parameters():
+            p.data.normal_(0, 0.02)  # non-zero: nothing may be skipped
+    tuners = unet.attach_sc_tuners()
+    for p in unet.tuners.parameters():
+        p.data.normal_(0, 0.02)
+    cond = torch.rand(1, 3, args.latent * 8, args.latent * 8)
+    hint_seconds = {}
+    with torch.inference_mode():
+        hints = {}
+        for k, ctrl in ctrls.items():
+            start = time.perf_counter()
+            hints[k] = ctrl.hints(cond)
+            hint_seconds[f"csc{k}"] = time.perf_counter() - start
+
+    sc_slots, no_slots = unet.tuners, torch.nn.ModuleList(SkipIdentity() for _ in tuners)
+
+    def forward(sc: bool, csc: int | None) -> torch.Tensor:
+        unet.tuners = sc_slots if sc else no_slots
+        unet.controllers = torch.nn.ModuleList([ctrls[csc]] if csc else [])
+        return unet(x, t, ctx, control=Control([hints[csc]], [1.0]) if csc else None)
+
+    variants = {"base": (False, None), "sc": (True, None), "csc1": (False, 1), "csc3": (False, 3), "sc+csc1": (True, 1)}
+    times = {name: [] for name in variants}
+    with torch.inference_mode():
+        for r in range(args.runs + 1):  # the first round is a warm-up
+            for name, (sc, csc) in variants.items():
+                start = time.perf_counter()
+                forward(sc, csc)
+                if r:
+                    times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+
+    # The end-to-end differences are within this machine's run-to-run noise, so also time exactly what
+    # the tuners add: the skip edits, on tensors shaped as the skips of this forward, 5 times each.
+    skips = [torch.randn(args.batch, c, *hw).contiguous(memory_format=torch.channels_last)
+             for c, hw in zip(cfg.unet.skip_channels(), skip_sizes(unet, x, t, ctx), strict=True)]  # fmt: skip
+
+    def edits(sc: bool, csc: int | None):
+        for m, skip in enumerate(skips):
+            out = sc_slots[m](skip, 1.0) if sc else skip
+            if csc:
+                out = out + ctrls[csc].residual(m, skip, hints[csc][m])
+
+    isolated = {}
+    with torch.inference_mode():
+        for name, (sc, csc) in variants.items():
+            ts = []
+            for _ in range(6):
+                start = time.perf_counter()
+                edits(sc, csc)
+                ts.append(time.perf_counter() - start)
+            isolated[name] = statistics.median(ts[1:])
+    return {
+        "bench": "unet_forward_with_tuners",
+        "preset": args.preset,
+        "batch": args.batch,
+        "latent": args.latent,
+        "runs": args.runs,
+        "machine": machine(),
+        "seconds_median": med,
+        "seconds_all": times,
+        "overhead_vs_base": {name: med[name] / med["base"] - 1 for name in med},
+        "isolated_edit_seconds": isolated,
+        "isolated_overhead_vs_base": {name: isolated[name] / med["base"] for name in isolated},
+        "hint_seconds_once_per_image": hint_seconds,
+    }
+
+
+def skip_sizes(unet: UNetModel, x, t, ctx) -> list[tuple[int, int]]:
+    """Spatial sizes of the skips in decoder order, from one forward."""
+    sizes = []
+    hooks = [b.register_forward_hook(lambda m, a, o: sizes.append(tuple(o.shape[2:]))) for b in unet.input_blocks]
+    with torch.inference_mode():
+        unet(x, t, ctx)
+    for h in hooks:
+        h.remove()
+    return sizes[::-1]
+
+
 def bench_step(args) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
@@ -162,6 +256,12 @@ def main() -> None:
     p.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--json", type=Path, help="also write the result here")
+    p = sub.add_parser("infer", help="UNet forward without / with SC-Tuners and CSC-Tuner controllers")
+    p.add_argument("--preset", default="sd-v1", choices=sorted(PRESETS))
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--json", type=Path, help="also write the result here")
     p = sub.add_parser("step", help="seconds per DDIM+CFG sampling step: ldm_sce.sample vs diffusers' pipeline")
     p.add_argument("--preset", default="sd-v1", choices=sorted(PRESETS))
     p.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
@@ -170,14 +270,21 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
 
-    result = bench_unet(args) if args.cmd == "unet" else bench_step(args)
+    result = {"unet": bench_unet, "infer": bench_infer, "step": bench_step}[args.cmd](args)
     med = result.get("seconds_median") or result["seconds_per_step_median"]
     print(f"{result['bench']} {args.preset} {args.latent}x{args.latent} latent, fp32 on {result['machine']}")
     for name, s in med.items():
         print(f"  {name:10s} {s:8.3f} s  (median of {args.runs})")
-    print(
-        f"  ratio ldm_sce / diffusers = {result['ratio_ldm_sce_over_diffusers']:.3f}   max|diff| = {result['max_abs_diff']:.2e}"
-    )
+    if "overhead_vs_base" in result:
+        for name, o in result["overhead_vs_base"].items():
+            iso = result["isolated_overhead_vs_base"][name]
+            print(
+                f"  {name:10s} end-to-end {100 * o:+.1f}%   isolated skip edits {100 * iso:+.2f}% of the base forward"
+            )
+        print(f"  hints, once per image: {result['hint_seconds_once_per_image']}")
+    else:
+        ratio, diff = result["ratio_ldm_sce_over_diffusers"], result["max_abs_diff"]
+        print(f"  ratio ldm_sce / diffusers = {ratio:.3f}   max|diff| = {diff:.2e}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

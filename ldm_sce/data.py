@@ -1,0 +1,133 @@
+"""Training data: image-caption folders, scepter's `train.csv`, and `metadata.jsonl`, with optional control
+conditions. Every random choice of an item (caption dropout, canny thresholds, inpainting masks) is drawn
+from a generator seeded by (seed, epoch, index), so a run is reproducible and resumable by step count.
+
+Layouts (`data.path`):
+- a folder of images, each with a same-name `.txt` caption (missing caption: empty);
+- a folder holding `train.csv` (scepter: header `Target:FILE,Prompt`, paths relative to the folder);
+- a folder holding `metadata.jsonl` (lines `{"file_name": ..., "text": ...}`), or that file itself.
+Conditions: made on the fly from the image (canny, color, inpaint) or read from `condition_dir` (same
+file name) for precomputed ones (depth, HED, segmentation, pose).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .conditions import condition_tensor, make_condition, resize_center_crop
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass(frozen=True)
+class Item:
+    image: Path
+    caption: str
+
+
+def scan(path: str | Path) -> list[Item]:
+    path = Path(path)
+    if path.is_file() and path.suffix == ".jsonl":
+        return _jsonl(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"training data not found: {path}")
+    if (path / "metadata.jsonl").is_file():
+        return _jsonl(path / "metadata.jsonl")
+    if (path / "train.csv").is_file():
+        with open(path / "train.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        if not rows or rows[0][:2] != ["Target:FILE", "Prompt"]:
+            raise ValueError(f"{path / 'train.csv'}: expected the header 'Target:FILE,Prompt'")
+        return [Item(path / r[0], r[1]) for r in rows[1:] if r]
+    items = []
+    for image in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS):
+        txt = image.with_suffix(".txt")
+        items.append(Item(image, txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""))
+    if not items:
+        raise ValueError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTS))}) found")
+    return items
+
+
+def _jsonl(path: Path) -> list[Item]:
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                items.append(Item(path.parent / row["file_name"], row.get("text", "")))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{path}:{n}: expected {{'file_name': ..., 'text': ...}} ({e})") from e
+    return items
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """item -> {'image': [3, H, W] in [-1, 1], 'caption': str, 'cond': [3, H, W] in [0, 1] (control only)}
+    or None when the image cannot be read (skipped with a warning and counted in `bad`)."""
+
+    def __init__(
+        self,
+        items: list[Item],
+        resolution: int,
+        seed: int = 0,
+        trigger: str = "",
+        caption_dropout: float = 0.0,
+        condition: str | None = None,
+        condition_dir: str | None = None,
+        random_thresholds: bool = False,
+        cond_resolution: int | None = None,
+    ):
+        self.items, self.resolution, self.seed = items, resolution, seed
+        self.cond_resolution = cond_resolution or resolution  # 8x the latent size (= resolution for SD)
+        self.trigger, self.caption_dropout = trigger, caption_dropout
+        self.condition, self.condition_dir, self.random_thresholds = condition, condition_dir, random_thresholds
+        self.epoch = 0
+        self.bad: set[Path] = set()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict | None:
+        item = self.items[i]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        try:
+            with Image.open(item.image) as im:
+                img = resize_center_crop(im, self.resolution, self.resolution)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            if item.image not in self.bad:
+                log.warning("skipping unreadable image %s (%s)", item.image, e)
+            self.bad.add(item.image)
+            return None
+        caption = "" if rng.random() < self.caption_dropout else self.trigger + item.caption
+        arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+        out = {"image": torch.from_numpy(arr).permute(2, 0, 1), "caption": caption}
+        if self.condition:
+            out["cond"] = condition_tensor(self._condition(img, item, rng))[0]
+        return out
+
+    def _condition(self, img: Image.Image, item: Item, rng: np.random.Generator) -> np.ndarray:
+        r = self.cond_resolution
+        if self.condition_dir:
+            path = Path(self.condition_dir) / item.image.name
+            with Image.open(path) as im:
+                return make_condition("raw", im, r, r)
+        thresholds = (int(rng.integers(50, 101)), int(rng.integers(200, 351))) if self.random_thresholds else (100, 200)
+        return make_condition(self.condition, img, r, r, seed=int(rng.integers(2**31)), thresholds=thresholds)
+
+
+def collate(batch: list[dict | None]) -> dict | None:
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    out = {"image": torch.stack([b["image"] for b in batch]), "caption": [b["caption"] for b in batch]}
+    if "cond" in batch[0]:
+        out["cond"] = torch.stack([b["cond"] for b in batch])
+    return out

@@ -1,0 +1,490 @@
+"""Training SC-Tuners, CSC-Tuners (and the `full` baseline) on a frozen Stable Diffusion.
+
+`TrainConfig` is plain data read from YAML (unknown keys are errors that name them). `Trainer` runs the loop:
+the VAE and text encoder under no_grad; the frozen UNet records no autograd graph before the first tuner
+(the encoder and middle block hold no trainable parameter and see no input that needs a gradient); MSE on
+eps or v per the base model; AdamW; fp32 / bf16 / fp16 autocast with fp32 trainable weights (and a grad
+scaler for fp16); atomic checkpoints with exact resume; DistributedDataParallel under torchrun.
+
+Randomness (data order, caption dropout, timesteps, noise, posterior samples) is drawn from generators
+seeded by (seed, step, sample index in the global batch): a run is reproducible and resumable from its
+step count alone, and any split of the global batch over processes sees the same samples and noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from .checkpoint_io import load_model, save_checkpoint
+from .config import ConfigError, build_dataclass
+from .data import TrainDataset, collate, scan
+from .tuner_files import csc_tuner_file, save_tuner_file, sc_tuner_file
+from .tuners import Control, CSCTuner
+
+log = logging.getLogger(__name__)
+METHODS = ("sc", "csc", "lora", "full")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSection:
+    ckpt: str = ""
+    config: str | None = None  # preset or YAML; None: detected from the checkpoint
+    parameterization: str | None = None
+
+
+@dataclass
+class MethodSection:
+    name: str = "sc"  # sc | csc | full
+    down_ratio: float = 1.0
+    skips: list[int] | None = None  # SC-Tuner skips (decoder order); None: all
+    op: str = "linear"
+    kernel: int = 1  # CSC dense hint kernel (official released controllers: 3)
+    condition: str | None = None  # csc: canny | color | inpaint | raw
+    random_thresholds: bool = False  # csc canny: thresholds 50-100 / 200-350
+    lora_rank: int = 64  # lora baseline: rank on attention q/k/v/out and the feed-forward
+
+
+@dataclass
+class DataSection:
+    path: str = ""
+    resolution: int = 512
+    trigger: str = ""  # prefix of every caption, e.g. "<sce> "
+    caption_dropout: float = 0.0
+    condition_dir: str | None = None
+
+
+@dataclass
+class OptimSection:
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    eps: float = 1e-8  # AdamW epsilon
+    batch_size: int = 1  # global batch per optimiser micro-step, split over processes
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    max_steps: int = 1000
+
+
+@dataclass
+class ValidationSection:
+    every: int = 0  # 0: only at the end
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 20
+    scale: float = 7.5
+    control_images: list[str] = field(default_factory=list)  # csc: one per prompt (raw images)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    method: MethodSection = field(default_factory=MethodSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    seed: int = 0
+    output_dir: str = "outputs/train"
+    save_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+
+    def validate(self) -> TrainConfig:
+        checks = [
+            (self.method.name in METHODS, f"method.name must be one of {METHODS}, got {self.method.name!r}"),
+            (self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16, got {self.precision!r}"),
+            (bool(self.model.ckpt), "model.ckpt is required (the base checkpoint)"),
+            (bool(self.data.path), "data.path is required"),
+            (self.method.name != "csc" or self.method.condition is not None or self.data.condition_dir is not None,
+             "method csc needs method.condition (canny, color, inpaint) or data.condition_dir"),
+            (self.optim.batch_size >= 1 and self.optim.grad_accum >= 1 and self.optim.max_steps >= 1,
+             "optim.batch_size, grad_accum and max_steps must be at least 1"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+_SECTIONS = {"model": ModelSection, "method": MethodSection, "data": DataSection, "optim": OptimSection,
+             "validation": ValidationSection}  # fmt: skip
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """YAML file plus `section.key=value` overrides (values parsed as YAML)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-4)")
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return build_dataclass(TrainConfig, data, str(path), _SECTIONS).validate()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _generator(*key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+class TrainStep(nn.Module):
+    """The differentiable part of a step, as one module (DDP wraps it): latents, text features and
+    condition images in, loss out."""
+
+    def __init__(self, model, controller: CSCTuner | None):
+        super().__init__()
+        self.model, self.controller = model, controller
+
+    def forward(self, x_t, t, c, target, cond=None) -> torch.Tensor:
+        control = Control([self.controller.hints(cond)], [1.0]) if self.controller is not None else None
+        out = self.model.apply_model(x_t, t, c, control=control)
+        return F.mse_loss(out.float(), target.float())
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: str | None = None):
+        self.cfg = cfg
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if cfg.optim.batch_size % self.world:
+            raise ConfigError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by {self.world} processes")
+        self.device = torch.device(
+            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        )
+        self.out = Path(cfg.output_dir)
+        torch.manual_seed(cfg.seed)
+
+        # -- model and trainable parameters --
+        self.model = load_model(cfg.model.ckpt, cfg.model.config, cfg.model.parameterization, device=self.device)
+        unet = self.model.model.diffusion_model
+        m = cfg.method
+        self.controller = None
+        if m.name == "sc":
+            unet.attach_sc_tuners(m.down_ratio, m.skips, m.op)
+            self.params = list(unet.tuners.parameters())
+        elif m.name == "csc":
+            self.controller = unet.attach_controller(
+                CSCTuner(self.model.cfg.unet, m.kernel, down_ratio=m.down_ratio).to(self.device)
+            )
+            self.params = list(self.controller.parameters())
+        elif m.name == "lora":
+            self.params = add_lora(unet, m.lora_rank)
+        else:  # full fine-tuning of the UNet
+            self.params = [p for n, p in unet.named_parameters() if not n.startswith(("tuners.", "controllers."))]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.step_module = TrainStep(self.model, self.controller)
+        self.ddp = (
+            nn.parallel.DistributedDataParallel(self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.world > 1 else self.step_module
+        )  # fmt: skip
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay, eps=o.eps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / (o.warmup_steps + 1)))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+
+        # -- data --
+        d = cfg.data
+        f = 2 ** (len(self.model.cfg.vae.ch_mult) - 1)
+        self.data = TrainDataset(scan(d.path), d.resolution, cfg.seed, d.trigger, d.caption_dropout,
+                                 m.condition if m.name == "csc" else None, d.condition_dir, m.random_thresholds,
+                                 cond_resolution=d.resolution // f * 8)  # fmt: skip
+        self.step = 0
+        if resume:
+            self._load(self._resolve_resume(resume))
+
+    # -- data order: a permutation per epoch, the global batch at step s is a slice of it --
+    def _global_indices(self, micro: int) -> list[int]:
+        b, n = self.cfg.optim.batch_size, len(self.data)
+        start = micro * b
+        out = []
+        for k in range(start, start + b):
+            epoch, pos = divmod(k, n)
+            perm = torch.randperm(n, generator=_generator(self.cfg.seed, epoch))
+            out.append(int(perm[pos]))
+        return out
+
+    @torch.no_grad()
+    def _prepare(self, micro: int) -> dict | None:
+        """This rank's share of global batch `micro`: noisy latents, timesteps, text features, targets."""
+        idx = self._global_indices(micro)
+        share = len(idx) // self.world
+        mine = list(enumerate(idx))[self.rank * share : (self.rank + 1) * share]
+        rows = []
+        for slot, i in mine:
+            self.data.epoch = (micro * self.cfg.optim.batch_size + slot) // len(self.data)
+            item = self.data[i]
+            if item is not None:
+                rows.append((slot, item))
+        batch = collate([r for _, r in rows])
+        if batch is None:
+            return None
+        model, dev = self.model, self.device
+        img = batch["image"].to(dev)
+        z = []
+        for (slot, _), im in zip(rows, img, strict=True):
+            g = _generator(self.cfg.seed, micro, slot, 1)
+            post = model.encode_first_stage(im[None])
+            z.append(post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev))
+        z0 = model.scale_factor * torch.cat(z)
+        gens = [_generator(self.cfg.seed, micro, slot, 2) for slot, _ in rows]
+        t = torch.cat([torch.randint(0, model.num_timesteps, (1,), generator=g) for g in gens]).to(dev)
+        noise = torch.cat([torch.randn((1, *z0.shape[1:]), generator=g) for g in gens]).to(dev)
+        x_t = model.q_sample(z0, t, noise)
+        target = noise if model.parameterization == "eps" else model.get_v(z0, noise, t)
+        out = {"x_t": x_t, "t": t, "c": model.get_learned_conditioning(batch["caption"]), "target": target}
+        if "cond" in batch:
+            out["cond"] = batch["cond"].to(dev)
+        out["weight"] = len(rows) / share  # share of this rank's slots that held a readable image
+        return out
+
+    def train(self) -> Path | None:
+        cfg, o = self.cfg, self.cfg.optim
+        self.out.mkdir(parents=True, exist_ok=True)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=o.max_steps, initial=self.step, disable=self.rank != 0, desc=f"train {cfg.method.name}")
+        while self.step < o.max_steps:
+            start = time.perf_counter()
+            self.opt.zero_grad(set_to_none=True)
+            losses = []
+            for a in range(o.grad_accum):
+                micro = self.step * o.grad_accum + a
+                batch = self._prepare(micro)
+                if batch is None:  # every image of this share was unreadable: contribute zero gradient
+                    loss = sum(p.sum() * 0.0 for p in self.params)
+                else:
+                    with torch.autocast(
+                        self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+                    ):
+                        loss = (
+                            self.ddp(batch["x_t"], batch["t"], batch["c"], batch["target"], batch.get("cond"))
+                            * batch["weight"]
+                        )
+                    losses.append(loss.item())
+                self.scaler.scale(loss / o.grad_accum).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.sched.step()
+            self.step += 1
+            bar.update(1)
+            loss_value = float(np.mean(losses)) if losses else float("nan")
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if self.rank == 0:
+                self._log({"step": self.step, "loss": loss_value, "lr": self.sched.get_last_lr()[0],
+                           "step_time": time.perf_counter() - start, "bad_images": len(self.data.bad),
+                           "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                           **({"cuda_max_mb": torch.cuda.max_memory_allocated() / 2**20} if self.device.type == "cuda" else {})})  # fmt: skip
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < o.max_steps:
+                    self._save()
+                if cfg.validation.every and self.step % cfg.validation.every == 0:
+                    self.validate()
+        bar.close()
+        if self.world > 1:
+            self._check_ranks_agree()
+        if self.rank != 0:
+            return None
+        self._save()
+        if cfg.validation.prompts:
+            self.validate()
+        return self.export()
+
+    # -- outputs --
+    def _log(self, row: dict) -> None:
+        if row["step"] % self.cfg.log_every == 0 or row["step"] == 1 or "loss" not in row:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _check_ranks_agree(self) -> None:
+        """DDP keeps the replicas equal; verify it bitwise before rank 0 writes the result."""
+        flat = torch.cat([p.detach().flatten().float().cpu() for p in self.params])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        same = torch.tensor([int(torch.equal(flat, ref))])
+        dist.all_reduce(same, op=dist.ReduceOp.MIN)
+        if not same.item():
+            raise RuntimeError("DDP replicas diverged: trainable weights differ between ranks")
+        if self.rank == 0:
+            self._log({"step": self.step, "ranks_agree": True, "world_size": self.world})
+
+    def export(self) -> Path:
+        """The final tuner in the project's tuner format (or the full model for `full`)."""
+        summary = {"method": self.cfg.method.name, "steps": self.step, "lr": self.cfg.optim.lr,
+                   "batch_size": self.cfg.optim.batch_size, "data": self.cfg.data.path,
+                   "trigger": self.cfg.data.trigger, "base_ckpt": self.cfg.model.ckpt}  # fmt: skip
+        name = self.cfg.method.name
+        if name == "sc":
+            path = self.out / "sc_tuner.safetensors"
+            save_tuner_file(sc_tuner_file(self.model, summary), path)
+        elif name == "csc":
+            path = self.out / f"csc_{self.cfg.method.condition or 'raw'}.safetensors"
+            save_tuner_file(csc_tuner_file(self.model, self.controller, self.cfg.method.condition, summary), path)
+        elif name == "lora":
+            from safetensors.torch import save_file
+
+            path = self.out / "lora.safetensors"
+            unet = self.model.model.diffusion_model
+            tensors = {n: p.detach().contiguous().cpu() for n, p in unet.named_parameters() if ".lora_" in n}
+            save_file(tensors, str(path), metadata={"ldm_sce.lora": json.dumps(summary)})
+        else:
+            path = self.out / "model.safetensors"
+            save_checkpoint(self.model, path)
+        return path
+
+    @torch.no_grad()
+    def validate(self) -> Path:
+        from .cli import make_grid, to_pil
+        from .conditions import condition_tensor, make_condition
+        from .sampling import sample
+
+        v, model = self.cfg.validation, self.model
+        res = self.cfg.data.resolution
+        f = 2 ** (len(model.cfg.vae.ch_mult) - 1)
+        images = []
+        for k, prompt in enumerate(v.prompts):
+            control = None
+            if self.controller is not None and v.control_images:
+                from PIL import Image
+
+                with Image.open(v.control_images[k % len(v.control_images)]) as im:
+                    cond = make_condition(self.cfg.method.condition or "raw", im, res // f * 8, res // f * 8)
+                control = Control([self.controller.hints(condition_tensor(cond).to(self.device))], [1.0])
+            c = model.get_learned_conditioning([prompt] * len(v.seeds))
+            uc = model.get_learned_conditioning([""] * len(v.seeds))
+            z = sample(
+                model,
+                c,
+                uc,
+                steps=v.steps,
+                scale=v.scale,
+                seed=list(v.seeds),
+                shape=(res // f, res // f),
+                control=control,
+            )
+            images += to_pil(model.decode_first_stage(z))
+        path = self.out / "validation" / f"step-{self.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_grid(images, n_cols=len(v.seeds)).save(path)
+        return path
+
+    # -- checkpoints: atomic, keep the last K, exact resume --
+    def _save(self) -> Path:
+        ckpt_dir = self.out / "checkpoints"
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": self.step,
+            "params": [p.detach().cpu() for p in self.params],
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+            "config": dataclasses.asdict(self.cfg),
+        }
+        path = ckpt_dir / f"step-{self.step:06d}.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        for old in sorted(ckpt_dir.glob("step-*.pt"))[: -self.cfg.keep_last]:
+            old.unlink()
+        return path
+
+    def _resolve_resume(self, resume: str) -> Path:
+        if resume != "latest":
+            return Path(resume)
+        found = sorted((self.out / "checkpoints").glob("step-*.pt"))
+        if not found:
+            raise FileNotFoundError(f"--resume latest: no checkpoints in {self.out / 'checkpoints'}")
+        return found[-1]
+
+    def _load(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # our own state: tensors and plain data
+        if len(state["params"]) != len(self.params) or any(
+            a.shape != b.shape for a, b in zip(state["params"], self.params, strict=True)
+        ):
+            raise ConfigError(f"{path}: checkpoint parameters do not match this config's method")
+        with torch.no_grad():
+            for p, saved in zip(self.params, state["params"], strict=True):
+                p.copy_(saved)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.step = state["step"]
+
+
+class LoRAWeight(nn.Module):
+    """A weight parametrization W + (alpha / r) B A (Hu et al. 2021), B zero-initialised. The LoRA baseline
+    uses PyTorch's own `parametrize`, so the model's modules and forward stay as they are."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float | None = None):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
+        self.scale = (alpha or rank) / rank
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.scale * (self.lora_B @ self.lora_A).to(weight.dtype)
+
+
+def add_lora(unet: nn.Module, rank: int) -> list[nn.Parameter]:
+    """LoRA on every attention q/k/v/out projection and feed-forward linear of the UNet's transformers."""
+    from torch.nn.utils import parametrize
+
+    from .attention import BasicTransformerBlock
+
+    params = []
+    for block in (m for m in unet.modules() if isinstance(m, BasicTransformerBlock)):
+        targets = [getattr(a, n) for a in (block.attn1, block.attn2) for n in ("to_q", "to_k", "to_v")]
+        targets += [block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[0].proj, block.ff.net[2]]
+        for linear in targets:
+            w = linear.weight
+            lora = LoRAWeight(w.shape[0], w.shape[1], rank).to(w.device, w.dtype)
+            parametrize.register_parametrization(linear, "weight", lora)
+            params += [lora.lora_A, lora.lora_B]
+    return params
+
+
+def _rng_state() -> dict:
+    """Global RNG states as tensors and plain data (loadable with weights_only=True). The trainer draws
+    from seeded generators; these are kept so any global draw (e.g. by user code) resumes exactly too."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": [version, list(py_state), py_gauss]}  # fmt: skip
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = state["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
