@@ -71,6 +71,7 @@ class DataSection:
     trigger: str = ""  # prefix of every caption, e.g. "<sce> "
     caption_dropout: float = 0.0
     condition_dir: str | None = None
+    cache: bool = False  # keep VAE posteriors and text features in memory (small datasets)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    gradient_checkpointing: bool = False  # recompute decoder blocks in backward (less memory, more time)
     seed: int = 0
     output_dir: str = "outputs/train"
     save_every: int = 500
@@ -200,6 +202,9 @@ class Trainer:
             self.params = [p for n, p in unet.named_parameters() if not n.startswith(("tuners.", "controllers."))]
         for p in self.params:
             p.requires_grad_(True)
+        unet.checkpoint_decoder = cfg.gradient_checkpointing
+        self._posteriors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # data.cache: item -> (mean, std)
+        self._texts: dict[str, torch.Tensor] = {}  # data.cache: caption -> features
         self.step_module = TrainStep(self.model, self.controller)
         self.ddp = (
             nn.parallel.DistributedDataParallel(self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -250,21 +255,38 @@ class Trainer:
         model, dev = self.model, self.device
         img = batch["image"].to(dev)
         z = []
-        for (slot, _), im in zip(rows, img, strict=True):
+        for (slot, _), i, im in zip(rows, [idx[slot] for slot, _ in rows], img, strict=True):
             g = _generator(self.cfg.seed, micro, slot, 1)
-            post = model.encode_first_stage(im[None])
-            z.append(post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev))
+            mean, std = self._posterior(i, im)
+            z.append(mean + std * torch.randn(mean.shape, generator=g).to(dev))
         z0 = model.scale_factor * torch.cat(z)
         gens = [_generator(self.cfg.seed, micro, slot, 2) for slot, _ in rows]
         t = torch.cat([torch.randint(0, model.num_timesteps, (1,), generator=g) for g in gens]).to(dev)
         noise = torch.cat([torch.randn((1, *z0.shape[1:]), generator=g) for g in gens]).to(dev)
         x_t = model.q_sample(z0, t, noise)
         target = noise if model.parameterization == "eps" else model.get_v(z0, noise, t)
-        out = {"x_t": x_t, "t": t, "c": model.get_learned_conditioning(batch["caption"]), "target": target}
+        out = {"x_t": x_t, "t": t, "c": self._text(batch["caption"]), "target": target}
         if "cond" in batch:
             out["cond"] = batch["cond"].to(dev)
         out["weight"] = len(rows) / share  # share of this rank's slots that held a readable image
         return out
+
+    def _posterior(self, i: int, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of q(z | image i); cached with data.cache (the sample is drawn fresh each time)."""
+        if i in self._posteriors:
+            return self._posteriors[i]
+        post = self.model.encode_first_stage(image[None])
+        if self.cfg.data.cache:
+            self._posteriors[i] = (post.mean, post.std)
+        return post.mean, post.std
+
+    def _text(self, captions: list[str]) -> torch.Tensor:
+        if not self.cfg.data.cache:
+            return self.model.get_learned_conditioning(captions)
+        missing = sorted({c for c in captions if c not in self._texts})
+        if missing:
+            self._texts.update(zip(missing, self.model.get_learned_conditioning(missing), strict=True))
+        return torch.stack([self._texts[c] for c in captions])
 
     def train(self) -> Path | None:
         cfg, o = self.cfg, self.cfg.optim

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import SpatialTransformer
 from .config import UNetConfig
@@ -149,6 +150,7 @@ class UNetModel(nn.Module):
         # the attached CSC-Tuner controllers. Neither adds keys to the base model.
         self.tuners = nn.ModuleList(SkipIdentity() for _ in self.output_blocks)
         self.controllers = nn.ModuleList()
+        self.checkpoint_decoder = False  # training: recompute decoder blocks in backward instead of storing
         self.to(memory_format=torch.channels_last)
 
     def attach_sc_tuners(self, down_ratio: float = 1.0, skips: list[int] | None = None, op: str = "linear"):
@@ -200,6 +202,12 @@ class UNetModel(nn.Module):
             for ctrl, hints, w in zip(self.controllers, control.hints, control.weights, strict=False):
                 edited = edited + (control.scale * w) * ctrl.residual(i, skip, hints[i])  # CSC-Tuner, eq. 7
             h = torch.cat([h, edited], dim=1)
-            h = module(h, emb, context)
+            h = self._decoder_block(module, h, emb, context)
 
         return self.out(h).contiguous()
+
+    def _decoder_block(self, module: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor):
+        if self.checkpoint_decoder and h.requires_grad:
+            # non-reentrant checkpointing: correct with frozen weights and trainable inputs
+            return checkpoint(module, h, emb, context, use_reentrant=False)
+        return module(h, emb, context)

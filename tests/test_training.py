@@ -35,11 +35,11 @@ def dataset(tmp_path_factory):
     return root
 
 
-def write_config(tmp_path, ckpt, data, **sections):
+def write_config(tmp_path, ckpt, data_path, **sections):
     cfg = {
         "model": {"ckpt": str(ckpt), "config": "tiny-sd1"},
         "method": {"name": "sc"},
-        "data": {"path": str(data), "resolution": 16, "trigger": "<sce> "},
+        "data": {"path": str(data_path), "resolution": 16, "trigger": "<sce> "},
         "optim": {"lr": 3e-3, "batch_size": 4, "max_steps": 8},
         "output_dir": str(tmp_path / "out"),
         "save_every": 4,
@@ -112,6 +112,20 @@ def test_resume_is_bitwise_exact(tiny_ckpts, dataset, tmp_path):
     b = load_file(resumed / "out" / "sc_tuner.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if "ln2" in k)  # it did train
+
+
+def test_cache_gives_the_same_training(tiny_ckpts, dataset, tmp_path):
+    results = []
+    for cache in (False, True):
+        run_dir = tmp_path / str(cache)
+        run_dir.mkdir()
+        cfg = load_train_config(write_config(run_dir, tiny_ckpts["sd1"][1], dataset, optim={"max_steps": 4},
+                                             data={"cache": cache, "caption_dropout": 0.3}))  # fmt: skip
+        trainer = Trainer(cfg)
+        results.append(load_file(trainer.train()))
+        assert len(trainer._posteriors) == (8 if cache else 0)
+    for k in results[0]:  # text features batched vs one by one: round-off only
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-4, atol=1e-6)
 
 
 def test_corrupt_image_is_skipped_and_counted(tiny_ckpts, dataset, tmp_path):

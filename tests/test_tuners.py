@@ -254,3 +254,30 @@ def test_tuner_for_another_base_is_refused(model, tiny_ckpts, tmp_path):
         load_tuner(model, tmp_path / "big.safetensors")
     with pytest.raises(CheckpointError, match="not a tuner file"):
         load_tuner(model, tiny_ckpts["sd1"][1])
+
+
+def test_decoder_checkpointing_same_gradients_fewer_saved_tensors(model):
+    x, t, c = inputs(model)
+    unet = model.model.diffusion_model
+    tuners = unet.attach_sc_tuners()
+    for tuner in tuners:
+        randomize(tuner, seed=6)
+    params = list(unet.tuners.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    grads, saved = {}, {}
+    for flag in (False, True):
+        unet.checkpoint_decoder = flag
+        count = [0]
+
+        def pack(tensor, count=count):
+            count[0] += 1
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = unet(x, t, c).square().mean()
+        grads[flag] = torch.autograd.grad(loss, params)
+        saved[flag] = count[0]
+    for a, b in zip(grads[False], grads[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert saved[True] < saved[False] / 3, saved
