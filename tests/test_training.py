@@ -143,9 +143,11 @@ def test_corrupt_image_is_skipped_and_counted(tiny_ckpts, dataset, tmp_path):
     assert rows[-1]["bad_images"] == 1 and np.isfinite(rows[-1]["loss"])
 
 
-def test_csc_and_lora_methods_train(tiny_ckpts, dataset, tmp_path):
+def test_csc_lora_and_full_methods_train(tiny_ckpts, dataset, tmp_path):
     ckpt = tiny_ckpts["sd1"][1]
-    for method in ({"name": "csc", "condition": "canny", "random_thresholds": True}, {"name": "lora", "lora_rank": 4}):
+    methods = ({"name": "csc", "condition": "canny", "random_thresholds": True}, {"name": "lora", "lora_rank": 4},
+               {"name": "full"})  # fmt: skip
+    for method in methods:
         out = tmp_path / method["name"]
         out.mkdir()
         cfg = load_train_config(write_config(out, ckpt, dataset, method=method, optim={"max_steps": 2}))
@@ -153,6 +155,35 @@ def test_csc_and_lora_methods_train(tiny_ckpts, dataset, tmp_path):
         tensors = load_file(path)
         assert tensors and all(torch.isfinite(v).all() for v in tensors.values())
     assert any(k.startswith("dense_hint_blocks") for k in load_file(tmp_path / "csc" / "out" / "csc_canny.safetensors"))
+    from ldm_sce import load_model
+
+    full = load_model(tmp_path / "full" / "out" / "model.safetensors")  # a whole model, config in its metadata
+    base = load_model(ckpt, config="tiny-sd1")
+    w = "model.diffusion_model.input_blocks.0.0.weight"
+    assert not torch.equal(full.state_dict()[w], base.state_dict()[w])  # the encoder trained too
+
+
+def test_dataset_layouts(tmp_path):
+    from ldm_sce.data import scan
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "train.csv").write_text('Target:FILE,Prompt\na.png,"a cat, sitting"\n')
+    assert [(i.image.name, i.caption) for i in scan(tmp_path)] == [("a.png", "a cat, sitting")]
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a dog"}\n')
+    assert [(i.image.name, i.caption) for i in scan(tmp_path)] == [("a.png", "a dog")]  # jsonl first
+    (tmp_path / "train.csv").unlink()
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "a.txt").write_text("a bird\n")
+    assert [(i.image.name, i.caption) for i in scan(tmp_path)] == [("a.png", "a bird")]
+
+
+def test_shipped_training_configs_validate(tiny_ckpts, dataset, tmp_path):
+    for path in sorted((ROOT / "configs" / "train").glob("*.yaml")):
+        cfg = load_train_config(path)
+        assert cfg.optim.weight_decay in (0.0, 0.01) and cfg.method.name in ("sc", "csc")
+    tiny = load_train_config(ROOT / "configs" / "train" / "tiny_sc.yaml", [f"model.ckpt={tiny_ckpts['sd1'][1]}",
+                             f"data.path={dataset}", f"output_dir={tmp_path / 'out'}", "optim.max_steps=2"])  # fmt: skip
+    assert Trainer(tiny).train().name == "sc_tuner.safetensors"
 
 
 def test_config_errors_name_the_problem(tiny_ckpts, dataset, tmp_path):

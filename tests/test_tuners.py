@@ -281,3 +281,47 @@ def test_decoder_checkpointing_same_gradients_fewer_saved_tensors(model):
     for a, b in zip(grads[False], grads[True], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
     assert saved[True] < saved[False] / 3, saved
+
+
+def test_control_range_switches_control_by_sampling_progress(model):
+    from ldm_sce.sampling import cfg_denoiser
+
+    unet = model.model.diffusion_model
+    ctrl = unet.attach_controller(CSCTuner(model.cfg.unet))
+    randomize(ctrl, seed=8)
+    control = Control([ctrl.hints(cond_image())], [1.0])
+    x, _, c = inputs(model, b=1)
+    uc = torch.zeros_like(c)
+    t_early, t_late = torch.tensor([900]), torch.tensor([100])  # progress 0.1 and 0.9
+    with torch.no_grad():
+        plain = cfg_denoiser(model, c, uc, 5.0)
+        first_half = cfg_denoiser(model, c, uc, 5.0, control=control, control_range=(0.0, 0.5))
+        assert not torch.equal(first_half(x, t_early), plain(x, t_early))  # control acts early
+        assert torch.equal(first_half(x, t_late), plain(x, t_late))  # and not after 50%
+
+
+def test_convert_tuner_cli(model, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ldm_sce.tuner_files import read_tuner_file
+
+    unet = model.model.diffusion_model
+    tuners = unet.attach_sc_tuners(skips=[1, 4])
+    for tuner in tuners:
+        randomize(tuner, seed=9)
+    native = tmp_path / "ldm_step-10"
+    native.mkdir()
+    torch.save({f"model.lsc_identity.{m}.tuner_op.{k}": v for m in (1, 4) for k, v in unet.tuners[m].state_dict().items()},
+               native / "pytorch_model.bin")  # fmt: skip
+    tool = Path(__file__).resolve().parents[1] / "tools" / "convert_tuner.py"
+    r = subprocess.run([sys.executable, str(tool), str(native), str(tmp_path / "out.safetensors"), "--base", "sd1"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    tf = read_tuner_file(tmp_path / "out.safetensors")
+    assert (tf.kind, tf.base, tf.skips, tf.down_ratio) == ("sc", "sd1", [1, 4], 1.0)
+    assert torch.equal(tf.state_dict["tuners.4.ln2.weight"], unet.tuners[4].ln2.weight)
+    r = subprocess.run([sys.executable, str(tool), str(tmp_path / "nothing"), str(tmp_path / "x.safetensors")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "not found" in r.stderr

@@ -13,6 +13,14 @@ after a warm-up.
 one CSC-Tuner controller (kernel 1 and 3), and both; the controller's hints are computed once per image,
 outside the timed steps (their cost is reported separately).
 
+`train`: one training step (forward, MSE loss, backward, AdamW step) for each method, each in its own
+process so peaks do not mix: trainable parameters, peak memory (CPU: peak resident set; GPU:
+max_memory_allocated), training overhead = peak minus the memory held once the frozen model and the
+trainable modules are built, and median step time. The frozen VAE and text encoder are the same for every
+method and run under no_grad, so the step takes precomputed latents and text features.
+
+    python tools/bench.py train --preset sd-v1 --res 256 --batch 1 --methods sc,lora,full,csc1,csc3
+
 `step`: seconds per DDIM sampling step with classifier-free guidance (B=1 image, so a UNet batch of 2),
 `ldm_sce.sample` vs diffusers' StableDiffusionPipeline denoising loop on the same UNet weights (given
 precomputed text embeddings, output_type="latent": the VAE decode is not timed).
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -183,6 +192,109 @@ def skip_sizes(unet: UNetModel, x, t, ctx) -> list[tuple[int, int]]:
     return sizes[::-1]
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def train_one(args) -> dict:
+    """One method's training steps in this process (called by `bench_train` in a fresh process)."""
+    import resource
+
+    import torch.nn.functional as F
+
+    from ldm_sce.training import add_lora
+    from ldm_sce.tuners import Control, CSCTuner
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = PRESETS[args.preset]
+    unet = UNetModel(cfg.unet).to(dev).requires_grad_(False)
+    ctrl = None
+    if args.method == "sc":
+        params = [p for t in unet.attach_sc_tuners() for p in t.parameters()]
+    elif args.method in ("csc1", "csc3"):
+        ctrl = unet.attach_controller(CSCTuner(cfg.unet, kernel=int(args.method[-1])).to(dev))
+        params = list(ctrl.parameters())
+    elif args.method == "lora":
+        params = add_lora(unet, 64)
+    elif args.method == "full":
+        params = list(unet.parameters())
+    else:
+        raise SystemExit(f"unknown method {args.method}")
+    for p in params:
+        p.requires_grad_(True)
+    unet.checkpoint_decoder = args.grad_ckpt
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    lat = args.res // 8
+    x = torch.randn(args.batch, 4, lat, lat, device=dev)
+    ctx = torch.randn(args.batch, 77, cfg.unet.context_dim, device=dev)
+    target = torch.randn_like(x)
+    cond = torch.rand(args.batch, 3, args.res, args.res, device=dev)
+    t = torch.full((args.batch,), 500, device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        loaded = torch.cuda.memory_allocated() / 2**20
+    else:
+        loaded = _rss_mb()
+    times = []
+    for i in range(args.steps + 1):  # the first step is a warm-up (and allocates the optimiser state)
+        start = time.perf_counter()
+        control = Control([ctrl.hints(cond)], [1.0]) if ctrl is not None else None
+        loss = F.mse_loss(unet(x, t, ctx, control=control), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {
+        "method": args.method,
+        "trainable_params": sum(p.numel() for p in params),
+        "loaded_mb": loaded,
+        "peak_mb": peak,
+        "overhead_mb": peak - loaded,
+        "step_seconds_median": statistics.median(times),
+        "step_seconds_all": times,
+    }
+
+
+def bench_train(args) -> dict:
+    import subprocess
+
+    rows = []
+    for method in args.methods.split(","):
+        cmd = [sys.executable, __file__, "train-one", "--method", method, "--preset", args.preset, "--res", str(args.res),
+               "--batch", str(args.batch), "--steps", str(args.steps)] + (["--grad-ckpt"] if args.grad_ckpt else [])  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            rows.append(
+                {
+                    "method": method,
+                    "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}",
+                }
+            )
+        else:
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    ok = {r["method"]: r for r in rows if "error" not in r}
+    ratios = {}
+    for ref in ("lora", "full"):
+        if "sc" in ok and ref in ok:
+            ratios[f"sc/{ref} overhead"] = ok["sc"]["overhead_mb"] / ok[ref]["overhead_mb"]
+            ratios[f"sc/{ref} time"] = ok["sc"]["step_seconds_median"] / ok[ref]["step_seconds_median"]
+    return {"bench": "train_step", "preset": args.preset, "res": args.res, "batch": args.batch,
+            "grad_ckpt": args.grad_ckpt, "precision": "fp32", "optimizer": "AdamW", "attention": "SDPA",
+            "machine": machine(), "rows": rows, "ratios": ratios}  # fmt: skip
+
+
 def bench_step(args) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
@@ -262,6 +374,20 @@ def main() -> None:
     p.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", type=Path, help="also write the result here")
+    for name in ("train", "train-one"):
+        p = sub.add_parser(
+            name, help="training step memory and time per method" if name == "train" else argparse.SUPPRESS
+        )
+        p.add_argument("--preset", default="sd-v1", choices=sorted(PRESETS))
+        p.add_argument("--res", type=int, default=256, help="image side (latent = res / 8)")
+        p.add_argument("--batch", type=int, default=1)
+        p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+        p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of the decoder blocks")
+        if name == "train":
+            p.add_argument("--methods", default="sc,lora,full,csc1,csc3")
+            p.add_argument("--json", type=Path, help="also write the result here")
+        else:
+            p.add_argument("--method", required=True)
     p = sub.add_parser("step", help="seconds per DDIM+CFG sampling step: ldm_sce.sample vs diffusers' pipeline")
     p.add_argument("--preset", default="sd-v1", choices=sorted(PRESETS))
     p.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
@@ -270,7 +396,25 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
 
-    result = {"unet": bench_unet, "infer": bench_infer, "step": bench_step}[args.cmd](args)
+    if args.cmd == "train-one":
+        print(json.dumps(train_one(args)))
+        return
+    result = {"unet": bench_unet, "infer": bench_infer, "step": bench_step, "train": bench_train}[args.cmd](args)
+    if args.cmd == "train":
+        print(
+            f"train step {args.preset} {args.res}px B={args.batch} fp32 AdamW, grad_ckpt={args.grad_ckpt}, {result['machine']}"
+        )
+        for r in result["rows"]:
+            if "error" in r:
+                print(f"  {r['method']:6s} failed: {r['error']}")
+            else:
+                print(f"  {r['method']:6s} params {r['trainable_params'] / 1e6:8.2f}M  peak {r['peak_mb']:8.0f} MB  "
+                      f"overhead {r['overhead_mb']:8.0f} MB  step {r['step_seconds_median']:6.2f} s")  # fmt: skip
+        for k, v in result["ratios"].items():
+            print(f"  {k}: {v:.2f}")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return
     med = result.get("seconds_median") or result["seconds_per_step_median"]
     print(f"{result['bench']} {args.preset} {args.latent}x{args.latent} latent, fp32 on {result['machine']}")
     for name, s in med.items():
