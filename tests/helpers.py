@@ -63,3 +63,21 @@ def compvis_yaml(cfg: ModelConfig) -> dict:
     return {
         "model": {"base_learning_rate": 1e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}
     }
+
+
+def hf_text_model(t, layers: int | None = None):
+    """transformers' CLIPTextModel with the dimensions of our TextConfig `t` (the oracle text tower)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=t.vocab_size,
+            hidden_size=t.width,
+            intermediate_size=4 * t.width,
+            num_hidden_layers=t.layers if layers is None else layers,
+            num_attention_heads=t.heads,
+            max_position_embeddings=t.context_length,
+            hidden_act="quick_gelu" if t.arch == "clip" else "gelu",
+            projection_dim=t.embed_dim,
+        )  # fmt: skip
+    )

@@ -191,3 +191,19 @@ def test_detect_family():
 def test_detected_preset_mismatch_names_the_fix(sd1):
     with pytest.raises(CheckpointError, match="pass the config"):
         load_model(sd1[1])  # a tiny file without config is detected as sd1, whose full-size shapes differ
+
+
+def test_v_prediction_guess_rule(tiny_ckpts):
+    """A1111's rule: v if mean(UNet(x=1, t=999, ctx=0.5) - x) < -1. With the output conv zeroed, the UNet
+    returns its bias everywhere, so the rule's input is known exactly."""
+    from ldm_sce.checkpoint_io import _guess_v_prediction
+
+    model = load_model(tiny_ckpts["sd2"][1], config="tiny-sd2")
+    conv = model.model.diffusion_model.out[2]
+    conv.weight.zero_()
+    conv.bias.fill_(-2.5)  # mean(out - x) = -3.5
+    assert _guess_v_prediction(model)
+    conv.bias.fill_(-0.5)  # -1.5... still v
+    assert _guess_v_prediction(model)
+    conv.bias.fill_(0.5)  # -0.5: eps
+    assert not _guess_v_prediction(model)

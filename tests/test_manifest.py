@@ -8,8 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as su
-from helpers import compvis_yaml
-from transformers import CLIPTextConfig, CLIPTextModel
+from helpers import compvis_yaml, hf_text_model
 
 from ldm_sce import PRESETS, LatentDiffusion
 from ldm_sce.diffusion import SCHEDULE_BUFFERS
@@ -54,16 +53,8 @@ def test_diffusers_maps_every_key(preset):
         vcfg = su.create_vae_diffusers_config_from_ldm(yaml_dict, sd)
         vae = AutoencoderKL(**vcfg)
         t = cfg.text
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=t.vocab_size,
-                hidden_size=t.width,
-                intermediate_size=4 * t.width,
-                # diffusers builds SD2's tower without the unused 24th block and skips its keys
-                num_hidden_layers=t.layers - (t.arch == "open_clip"),
-                num_attention_heads=t.heads,
-            )  # fmt: skip
-        )
+        # diffusers builds SD2's tower without the unused 24th block and skips its keys
+        text = hf_text_model(t, layers=t.layers - (t.arch == "open_clip"))
     unet_sd = su.convert_ldm_unet_checkpoint(sd, ucfg)
     assert len(unet_sd) == n_unet
     _load_meta(unet, unet_sd)

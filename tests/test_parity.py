@@ -5,8 +5,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as su
-from helpers import compvis_yaml
-from transformers import CLIPTextConfig, CLIPTextModel
+from helpers import compvis_yaml, hf_text_model
 
 from ldm_sce import PRESETS, load_model
 from ldm_sce.text_encoders import tokenize
@@ -65,18 +64,7 @@ def test_vae_matches_diffusers(loaded, hw):
 def test_text_encoder_matches_transformers(loaded):
     model, ckpt, _, cfg = loaded
     t = cfg.text
-    hf = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=t.vocab_size,
-            hidden_size=t.width,
-            intermediate_size=4 * t.width,
-            num_hidden_layers=t.layers,
-            num_attention_heads=t.heads,
-            max_position_embeddings=t.context_length,
-            hidden_act="quick_gelu" if t.arch == "clip" else "gelu",
-            projection_dim=t.embed_dim,
-        )  # fmt: skip
-    ).eval()
+    hf = hf_text_model(t).eval()
     sd = su.convert_ldm_clip_checkpoint(ckpt) if t.arch == "clip" else su.convert_open_clip_checkpoint(hf, ckpt)
     hf.load_state_dict(
         {k.removeprefix("text_model."): v for k, v in sd.items() if not k.endswith("position_ids")}, strict=True

@@ -362,38 +362,30 @@ def bench_step(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("unet", help="UNet forward: ldm_sce vs diffusers on the same random weights")
-    p.add_argument("--preset", default="sd-v1", choices=sorted(PRESETS))
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--json", type=Path, help="also write the result here")
-    p = sub.add_parser("infer", help="UNet forward without / with SC-Tuners and CSC-Tuner controllers")
-    p.add_argument("--preset", default="sd-v1", choices=sorted(PRESETS))
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--json", type=Path, help="also write the result here")
-    for name in ("train", "train-one"):
-        p = sub.add_parser(
-            name, help="training step memory and time per method" if name == "train" else argparse.SUPPRESS
-        )
+
+    def add(name: str, help: str, runs: int, batch: int | None = 2, res: str = "latent", count: str = "--runs"):
+        p = sub.add_parser(name, help=help)
         p.add_argument("--preset", default="sd-v1", choices=sorted(PRESETS))
-        p.add_argument("--res", type=int, default=256, help="image side (latent = res / 8)")
-        p.add_argument("--batch", type=int, default=1)
-        p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
-        p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of the decoder blocks")
-        if name == "train":
-            p.add_argument("--methods", default="sc,lora,full,csc1,csc3")
-            p.add_argument("--json", type=Path, help="also write the result here")
+        if batch is not None:
+            p.add_argument("--batch", type=int, default=batch)
+        if res == "latent":
+            p.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
         else:
-            p.add_argument("--method", required=True)
-    p = sub.add_parser("step", help="seconds per DDIM+CFG sampling step: ldm_sce.sample vs diffusers' pipeline")
-    p.add_argument("--preset", default="sd-v1", choices=sorted(PRESETS))
-    p.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--runs", type=int, default=2)
-    p.add_argument("--json", type=Path, help="also write the result here")
+            p.add_argument("--res", type=int, default=256, help="image side (latent = res / 8)")
+        p.add_argument(count, type=int, default=runs)
+        p.add_argument("--json", type=Path, help="also write the result here")
+        return p
+
+    add("unet", "UNet forward: ldm_sce vs diffusers on the same random weights", runs=5)
+    add("infer", "UNet forward without / with SC-Tuners and CSC-Tuner controllers", runs=3)
+    add("step", "seconds per DDIM+CFG sampling step: ldm_sce.sample vs diffusers' pipeline", runs=2, batch=None)
+    sub.choices["step"].add_argument("--steps", type=int, default=3)
+    for name in ("train", "train-one"):
+        p = add(
+            name, "training step memory and time per method (timed steps after one warm-up)", 2, 1, "res", "--steps"
+        )
+        p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of the decoder blocks")
+        p.add_argument("--methods" if name == "train" else "--method", default="sc,lora,full,csc1,csc3")
     args = parser.parse_args()
 
     if args.cmd == "train-one":
