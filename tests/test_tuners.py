@@ -325,3 +325,36 @@ def test_convert_tuner_cli(model, tmp_path):
     r = subprocess.run([sys.executable, str(tool), str(tmp_path / "nothing"), str(tmp_path / "x.safetensors")],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+@pytest.mark.parametrize("stride,padding,k", [(1, 1, 3), (2, 1, 3), (1, 0, 1)])
+def test_frozen_conv_same_input_gradient_without_keeping_the_input(stride, padding, k):
+    from ldm_sce.layers import Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(16, 24, k, stride=stride, padding=padding).requires_grad_(False)
+    x = torch.randn(2, 16, 9, 10, requires_grad=True)
+    g = torch.randn_like(F.conv2d(x, conv.weight, conv.bias, stride, padding))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = conv(x)
+    assert all(t.data_ptr() != x.data_ptr() for t in saved) and len(saved) == 1  # the weight only
+    ref = F.conv2d(x, conv.weight, conv.bias, stride, padding)
+    assert torch.equal(y, ref)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0], rtol=1e-6, atol=1e-6)
+    conv.requires_grad_(True)  # trainable: the plain path, weight gradients available
+    (gw,) = torch.autograd.grad(conv(x), conv.weight, g)
+    assert gw.abs().sum() > 0
+
+
+def test_geglu_same_gradients_keeping_one_tensor():
+    from ldm_sce.layers import geglu
+
+    h = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = geglu(h)
+    assert len(saved) == 1
+    a, b = h.chunk(2, dim=-1)
+    torch.testing.assert_close(y, a * F.gelu(b))
+    assert torch.autograd.gradcheck(geglu, (h,))
