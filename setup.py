@@ -22,5 +22,7 @@ setup(
     extras_require={
         # diffusers/transformers are test-only oracles: independent implementations to compare against
         "test": ["pytest>=7", "diffusers>=0.30", "transformers>=4.40", "ruff>=0.5"],
+        # tools/bench.py train: peft's LoRA on diffusers' UNet, the baseline users would actually run
+        "bench": ["diffusers>=0.30", "transformers>=4.40", "peft>=0.10"],
     },
 )
