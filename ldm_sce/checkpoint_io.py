@@ -1,7 +1,7 @@
 """Reading original Stable Diffusion checkpoints safely, detecting their family, and loading them strictly.
 
 `.ckpt` files are pickles. Real SD files pickle PyTorch Lightning objects, so `torch.load(weights_only=True)`
-refuses them while `weights_only=False` would run any code the file carries. `read_checkpoint` uses its own
+refuses them, while turning the weights-only mode off would run any code the file carries. `read_checkpoint` uses its own
 unpickler over torch's zip format instead: it rebuilds tensors and plain containers, turns Lightning
 objects into inert placeholders, and refuses every other callable before it is called.
 """

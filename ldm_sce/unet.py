@@ -200,7 +200,8 @@ class UNetModel(nn.Module):
         for i, module in enumerate(self.output_blocks):
             skip = hs.pop()
             edited = self.tuners[i](skip, tuner_scale)  # skip + s * (T(skip) - skip); identity without tuner
-            for ctrl, hints, w in zip(self.controllers, control.hints, control.weights, strict=False):
+            controllers = self.controllers[: len(control.hints)]  # none when no hints are given
+            for ctrl, hints, w in zip(controllers, control.hints, control.weights, strict=True):
                 edited = edited + (control.scale * w) * ctrl.residual(i, skip, hints[i])  # CSC-Tuner, eq. 7
             h = torch.cat([h, edited], dim=1)
             h = self._decoder_block(module, h, emb, context)

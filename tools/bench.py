@@ -199,9 +199,6 @@ def _rss_mb() -> float:
 
 def train_one(args) -> dict:
     """One method's training steps in this process (called by `bench_train` in a fresh process)."""
-    import resource
-
-    import torch.nn.functional as F
 
     from ldm_sce.training import add_lora
     from ldm_sce.tuners import Control, CSCTuner
@@ -224,13 +221,28 @@ def train_one(args) -> dict:
         params = list(unet.parameters())
     else:
         raise SystemExit(f"unknown method {args.method}")
+    unet.checkpoint_decoder = args.grad_ckpt
+    ctx_dim = cfg.unet.context_dim
+
+    def forward(x, t, ctx, cond):
+        return unet(x, t, ctx, control=Control([ctrl.hints(cond)], [1.0]) if ctrl is not None else None)
+
+    return _timed_training(args, dev, params, forward, ctx_dim)
+
+
+def _timed_training(args, dev, params, forward, ctx_dim) -> dict:
+    """AdamW steps of MSE(forward(x, t, ctx, cond), target) on random inputs: peak memory, overhead over
+    the memory held before the first step, and step times after one warm-up step."""
+    import resource
+
+    import torch.nn.functional as F
+
     for p in params:
         p.requires_grad_(True)
-    unet.checkpoint_decoder = args.grad_ckpt
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
     lat = args.res // 8
     x = torch.randn(args.batch, 4, lat, lat, device=dev)
-    ctx = torch.randn(args.batch, 77, cfg.unet.context_dim, device=dev)
+    ctx = torch.randn(args.batch, 77, ctx_dim, device=dev)
     target = torch.randn_like(x)
     cond = torch.rand(args.batch, 3, args.res, args.res, device=dev)
     t = torch.full((args.batch,), 500, device=dev)
@@ -243,9 +255,7 @@ def train_one(args) -> dict:
     times = []
     for i in range(args.steps + 1):  # the first step is a warm-up (and allocates the optimiser state)
         start = time.perf_counter()
-        control = Control([ctrl.hints(cond)], [1.0]) if ctrl is not None else None
-        loss = F.mse_loss(unet(x, t, ctx, control=control), target)
-        loss.backward()
+        F.mse_loss(forward(x, t, ctx, cond), target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":
@@ -272,9 +282,7 @@ def train_one_diffusers(args, dev) -> dict:
     """What users would run instead: peft's LoRA (rank 64, q/k/v/out and the feed-forward, as ours) on
     diffusers' UNet, or a diffusers ControlNet. The UNet has the same configuration as ours, with random
     weights built directly (nothing else allocated first, so the memory baseline is clean)."""
-    import resource
 
-    import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
     from diffusers.loaders import single_file_utils as su
 
@@ -298,45 +306,14 @@ def train_one_diffusers(args, dev) -> dict:
         controlnet = ControlNetModel.from_unet(unet).to(dev).train()
         params = list(controlnet.parameters())
     unet.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
-    lat = args.res // 8
-    x = torch.randn(args.batch, 4, lat, lat, device=dev)
-    ctx = torch.randn(args.batch, 77, cfg.unet.context_dim, device=dev)
-    target = torch.randn_like(x)
-    cond = torch.rand(args.batch, 3, args.res, args.res, device=dev)
-    t = torch.full((args.batch,), 500, device=dev)
-    loaded = torch.cuda.memory_allocated() / 2**20 if dev.type == "cuda" else _rss_mb()
-    times = []
-    for i in range(args.steps + 1):
-        start = time.perf_counter()
-        if controlnet is not None:
-            down, mid = controlnet(x, t, ctx, controlnet_cond=cond, return_dict=False)
-            out = unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        else:
-            out = unet(x, t, ctx).sample
-        F.mse_loss(out, target).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if dev.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
-    return {
-        "method": args.method,
-        "trainable_params": sum(p.numel() for p in params),
-        "loaded_mb": loaded,
-        "peak_mb": peak,
-        "overhead_mb": peak - loaded,
-        "step_seconds_median": statistics.median(times),
-        "step_seconds_all": times,
-    }
+
+    def forward(x, t, ctx, cond):
+        if controlnet is None:
+            return unet(x, t, ctx).sample
+        down, mid = controlnet(x, t, ctx, controlnet_cond=cond, return_dict=False)
+        return unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+
+    return _timed_training(args, dev, params, forward, cfg.unet.context_dim)
 
 
 def bench_train(args) -> dict:
