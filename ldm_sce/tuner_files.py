@@ -139,12 +139,9 @@ def _full_dims(skips: list[int], dims: list[int]) -> list[int]:
 
 def _check_base(tf: TunerFile, model, path) -> None:
     model_dims = model.cfg.unet.skip_channels()
-    bad = len(tf.skip_dims) > len(model_dims) or any(
-        d and d != model_dims[m] for m, d in enumerate(tf.skip_dims) if m < len(model_dims)
-    )
-    if tf.kind == "csc" and len(tf.skip_dims) != len(model_dims):
-        bad = True
-    if bad:
+    # SC files may cover some skips (dim 0 = untuned); a controller must cover all of them
+    fits = len(tf.skip_dims) <= len(model_dims) and all(d in (0, model_dims[m]) for m, d in enumerate(tf.skip_dims))
+    if not fits or (tf.kind == "csc" and len(tf.skip_dims) != len(model_dims)):
         raise CheckpointError(
             f"{path}: this {tf.kind} tuner was made for a UNet with skip dims {tf.skip_dims} "
             f"({tf.base or 'base unknown'}), but the model ({model.cfg.family}) has {model_dims}; "
@@ -165,6 +162,9 @@ def load_tuner(model, path: str | Path, condition: str | None = None):
     unet = model.model.diffusion_model
     p = next(unet.parameters())
     if tf.kind == "sc":
+        unexpected = [k for k in tf.state_dict if int(k.split(".")[1]) not in tf.skips]
+        if unexpected:
+            raise CheckpointError(f"{path}: keys for skips not listed in its metadata: {unexpected[:5]}")
         tuners = unet.attach_sc_tuners(tf.down_ratio, tf.skips, tf.op)
         for m, tuner in zip(tf.skips, tuners, strict=True):
             _strict_load(
@@ -172,9 +172,6 @@ def load_tuner(model, path: str | Path, condition: str | None = None):
                 {k[len(f"tuners.{m}.") :]: v for k, v in tf.state_dict.items() if k.startswith(f"tuners.{m}.")},
                 path,
             )
-        unexpected = [k for k in tf.state_dict if int(k.split(".")[1]) not in tf.skips]
-        if unexpected:
-            raise CheckpointError(f"{path}: keys for skips not listed in its metadata: {unexpected[:5]}")
         return tuners
     ctrl = CSCTuner(model.cfg.unet, tf.kernel, tf.hint_channels, tf.hint_ratio, tf.down_ratio).to(p.device, p.dtype)
     _strict_load(ctrl, tf.state_dict, path)
