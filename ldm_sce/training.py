@@ -301,7 +301,10 @@ class Trainer:
             for a in range(o.grad_accum):
                 micro = self.step * o.grad_accum + a
                 batch = self._prepare(micro)
-                if batch is None:  # every image of this share was unreadable: contribute zero gradient
+                if batch is None and self.world > 1:  # skipping would leave the other ranks waiting
+                    raise ValueError(f"rank {self.rank}: every image of micro-batch {micro} is unreadable; "
+                                     f"remove the files listed in the warnings ({sorted(map(str, self.data.bad))[:5]})")  # fmt: skip
+                if batch is None:  # every image of this micro-batch was unreadable: contribute zero gradient
                     loss = sum(p.sum() * 0.0 for p in self.params)
                 else:
                     with torch.autocast(
@@ -335,8 +338,8 @@ class Trainer:
         if self.rank != 0:
             return None
         self._save()
-        if cfg.validation.prompts:
-            self.validate()
+        if cfg.validation.prompts and not (cfg.validation.every and self.step % cfg.validation.every == 0):
+            self.validate()  # the final step was not validated in the loop
         return self.export()
 
     # -- outputs --
