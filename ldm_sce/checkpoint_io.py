@@ -239,15 +239,16 @@ def _check_keys(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], 
     raise CheckpointError("\n".join(parts))
 
 
-def _resolve_config(path: Path, sd, extras, config) -> ModelConfig:
+def _resolve_config(path: Path, sd, extras, config) -> tuple[ModelConfig, bool]:
+    """(config, detected): detected is True when the config is only the family preset guessed from keys."""
     if config is not None:
-        return load_config(config)
+        return load_config(config), False
     sidecar = path.with_suffix(".yaml")
     if sidecar.is_file():  # as A1111: a YAML next to the checkpoint, same stem
-        return load_config(sidecar)
+        return load_config(sidecar), False
     if METADATA_KEY in extras:
-        return load_config(json.loads(extras[METADATA_KEY]))
-    return PRESETS["sd-v1" if detect_family(sd) == "sd1" else "sd-v2-base"]
+        return load_config(json.loads(extras[METADATA_KEY])), False
+    return PRESETS["sd-v1" if detect_family(sd) == "sd1" else "sd-v2-base"], True
 
 
 @torch.no_grad()
@@ -281,9 +282,8 @@ def load_model(
     """
     path = Path(path)
     sd, extras = read_checkpoint(path)
-    cfg = _resolve_config(path, sd, extras, config)
-    guess_v = parameterization is None and config is None and cfg.family == "sd2" and METADATA_KEY not in extras
-    guess_v = guess_v and not path.with_suffix(".yaml").is_file()
+    cfg, detected = _resolve_config(path, sd, extras, config)
+    guess_v = detected and parameterization is None and cfg.family == "sd2"
     if parameterization is not None:
         cfg = cfg.replace(parameterization=parameterization)
 

@@ -64,15 +64,12 @@ def cfg_denoiser(
 
 
 def _alpha_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """alphas_cumprod at integer t, or interpolated in log-sigma at fractional t (k-diffusion's rule)."""
+    """alphas_cumprod at integer t, or through the interpolated sigma at fractional t (k-diffusion's rule)."""
     ac = alphas_cumprod.to(t.device, torch.float32)
     if not torch.is_floating_point(t) or torch.equal(t, t.round()):
         return ac[t.long()]
-    log_sigmas = (((1 - ac) / ac) ** 0.5).log()
-    lo = t.floor().long().clamp(max=len(ac) - 2)
-    w = t - lo
-    log_sigma = (1 - w) * log_sigmas[lo] + w * log_sigmas[lo + 1]
-    return 1.0 / (1.0 + (2 * log_sigma).exp())
+    sigma = t_to_sigma(t, model_sigmas(ac))
+    return (1.0 / (1.0 + sigma**2)).to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,15 +190,19 @@ def sigma_to_t(sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return (idx - 1).to(w.dtype) + w
 
 
+def t_to_sigma(t: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """sigma at (fractional) timesteps t by linear interpolation in log sigma; the inverse of `sigma_to_t`."""
+    t = t.to(sigmas.device, sigmas.dtype)
+    lo = t.floor().long().clamp(0, len(sigmas) - 2)
+    w = t - lo
+    return ((1 - w) * sigmas[lo].log() + w * sigmas[lo + 1].log()).exp()
+
+
 def sigmas_uniform(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
     """`steps` sigmas at timesteps linspace(T-1, 0, steps), then 0 (diffusers' 'linspace' spacing)."""
     sig = model_sigmas(alphas_cumprod)
     t = torch.linspace(len(sig) - 1, 0, steps, dtype=torch.float64)
-    lo = t.floor().long()
-    hi = (lo + 1).clamp(max=len(sig) - 1)
-    w = t - lo
-    log_s = (1 - w) * sig[lo].log() + w * sig[hi].log()
-    return torch.cat([log_s.exp(), torch.zeros(1, dtype=torch.float64)])
+    return torch.cat([t_to_sigma(t, sig), torch.zeros(1, dtype=torch.float64)])
 
 
 def sigmas_karras(alphas_cumprod: torch.Tensor, steps: int, rho: float = 7.0) -> torch.Tensor:

@@ -54,6 +54,18 @@ def machine() -> dict:
     }
 
 
+def alternate(runners: dict, rounds: int, per: int = 1) -> dict[str, list[float]]:
+    """Seconds of each runner, the runners taking turns for `rounds` rounds (same machine state for all);
+    each time is divided by `per` (e.g. the number of steps one run makes)."""
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) / per)
+    return times
+
+
 def diffusers_unet_from(ours: UNetModel, preset: str):
     """diffusers' UNet with our weights, converted by diffusers' own single-file code."""
     from diffusers import UNet2DConditionModel
@@ -80,12 +92,7 @@ def bench_unet(args) -> dict:
     runners = {"ldm_sce": lambda: ours(x, t, ctx), "diffusers": lambda: theirs(x, t, ctx).sample}
     with torch.inference_mode():
         diff = (runners["ldm_sce"]() - runners["diffusers"]()).abs().max().item()  # warm-up and sanity
-        times = {name: [] for name in runners}
-        for _ in range(args.runs):
-            for name, run in runners.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
+        times = alternate(runners, args.runs)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     return {
         "bench": "unet_forward",
@@ -135,14 +142,10 @@ def bench_infer(args) -> dict:
         return unet(x, t, ctx, control=Control([hints[csc]], [1.0]) if csc else None)
 
     variants = {"base": (False, None), "sc": (True, None), "csc1": (False, 1), "csc3": (False, 3), "sc+csc1": (True, 1)}
-    times = {name: [] for name in variants}
+    runners = {name: (lambda sc=sc, csc=csc: forward(sc, csc)) for name, (sc, csc) in variants.items()}
     with torch.inference_mode():
-        for r in range(args.runs + 1):  # the first round is a warm-up
-            for name, (sc, csc) in variants.items():
-                start = time.perf_counter()
-                forward(sc, csc)
-                if r:
-                    times[name].append(time.perf_counter() - start)
+        alternate(runners, 1)  # warm-up round
+        times = alternate(runners, args.runs)
     med = {name: statistics.median(ts) for name, ts in times.items()}
 
     # The end-to-end differences are within this machine's run-to-run noise, so also time exactly what
@@ -387,13 +390,8 @@ def bench_step(args) -> dict:
         ),  # fmt: skip
     }
     with torch.inference_mode():
-        diff = (runners["ldm_sce"]() - runners["diffusers"]()).abs().max().item()
-        times = {name: [] for name in runners}
-        for _ in range(args.runs):
-            for name, run in runners.items():
-                start = time.perf_counter()
-                run()
-                times[name].append((time.perf_counter() - start) / args.steps)
+        diff = (runners["ldm_sce"]() - runners["diffusers"]()).abs().max().item()  # warm-up and sanity
+        times = alternate(runners, args.runs, per=args.steps)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     return {
         "bench": "ddim_step_cfg",
