@@ -325,12 +325,18 @@ def load_model(
     return model
 
 
-def save_checkpoint(model: LatentDiffusion, path: str | Path, metadata: bool = True) -> None:
+def save_checkpoint(
+    model: LatentDiffusion, path: str | Path, metadata: bool = True, dtype: torch.dtype | None = None
+) -> None:
     """Write `model` in the original key layout (`.safetensors`, or a `{"state_dict": ...}` `.ckpt`),
-    atomically (a temporary file, then rename). `.safetensors` files carry the config as metadata."""
+    atomically (a temporary file, then rename). `.safetensors` files carry the config as metadata.
+    `dtype` (e.g. torch.float16, as the released `-fp16` files) casts the weights; the schedule buffers
+    stay fp32."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() and k not in SCHEDULE_BUFFERS else v for k, v in sd.items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 

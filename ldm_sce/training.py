@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import resource
@@ -83,6 +84,7 @@ class OptimSection:
     grad_accum: int = 1
     warmup_steps: int = 0
     max_steps: int = 1000
+    lr_schedule: str = "constant"  # after warmup: constant | cosine (to 0 at max_steps)
 
 
 @dataclass
@@ -120,6 +122,8 @@ class TrainConfig:
              "method csc needs method.condition (canny, color, inpaint) or data.condition_dir"),
             (self.optim.batch_size >= 1 and self.optim.grad_accum >= 1 and self.optim.max_steps >= 1,
              "optim.batch_size, grad_accum and max_steps must be at least 1"),
+            (self.optim.lr_schedule in ("constant", "cosine"),
+             f"optim.lr_schedule must be constant or cosine, got {self.optim.lr_schedule!r}"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -212,7 +216,7 @@ class Trainer:
         )  # fmt: skip
         o = cfg.optim
         self.opt = torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay, eps=o.eps)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / (o.warmup_steps + 1)))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, o))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
@@ -465,6 +469,16 @@ class Trainer:
         self.step = state["step"]
 
 
+def lr_factor(step: int, o: OptimSection) -> float:
+    """Linear warmup over `warmup_steps`, then constant or cosine decay to 0 at `max_steps`."""
+    if step < o.warmup_steps:
+        return (step + 1) / (o.warmup_steps + 1)
+    if o.lr_schedule == "cosine":
+        progress = (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
 class LoRAWeight(nn.Module):
     """A weight parametrization W + (alpha / r) B A (Hu et al. 2021), B zero-initialised. The LoRA baseline
     uses PyTorch's own `parametrize`, so the model's modules and forward stay as they are."""
@@ -496,6 +510,28 @@ def add_lora(unet: nn.Module, rank: int) -> list[nn.Parameter]:
             parametrize.register_parametrization(linear, "weight", lora)
             params += [lora.lora_A, lora.lora_B]
     return params
+
+
+def load_lora(model, path: str | Path) -> int:
+    """Add the LoRA of a `lora.safetensors` written by `Trainer.export` to `model`'s UNet (rank read from the
+    file); returns its parameter count. Keys must match exactly."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    unet = model.model.diffusion_model
+    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A")}
+    if len(ranks) != 1:
+        raise ConfigError(f"{path}: not a LoRA file of this project (lora_A ranks {sorted(ranks)})")
+    p = next(unet.parameters())
+    params = add_lora(unet, ranks.pop())
+    names = {n for n, _ in unet.named_parameters() if ".lora_" in n}
+    if names != set(tensors):
+        raise ConfigError(f"{path}: LoRA keys do not fit this UNet ({len(set(tensors) - names)} unknown, "
+                          f"{len(names - set(tensors))} missing)")  # fmt: skip
+    unet.load_state_dict({k: t.to(p.device, p.dtype) for k, t in tensors.items()}, strict=False)
+    for q in params:
+        q.requires_grad_(False)
+    return sum(q.numel() for q in params)
 
 
 def _rng_state() -> dict:

@@ -1,0 +1,261 @@
+"""The toy shapes world: a synthetic image-text dataset made by code, and the image analysis that scores
+what a model trained on it generates, with no download and no pretrained network.
+
+A scene is one shape (circle, square, triangle, diamond) of one of five colours, small or large, placed
+left / right / top / bottom / centre on a light background, plain or with faint stripes. Captions say
+what is drawn ("a small red circle on the left"); some omit the size or the position. The `zqx` style
+(the few-shot style set) draws the same scenes on a dark night-blue background with a white outline.
+Everything is deterministic from a seed. Images are drawn at 4x and downsampled (anti-aliased edges).
+
+Analysis (`analyze`): the background is the median of the border pixels; the shape is the largest
+connected region of pixels far from it. Its colour is the nearest palette colour to the median of the
+region's interior; its kind follows from how much of its bounding box it fills (square ~1, circle ~0.79,
+triangle and diamond ~0.5) and, between the last two, where its widest row lies (bottom: triangle).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 210),
+    "yellow": (235, 195, 20),
+    "purple": (140, 50, 180),
+}
+KINDS = ("circle", "square", "triangle", "diamond")
+SIZES = {"small": (7.0, 10.0), "large": (13.0, 18.0)}  # radius range in pixels at 64x64
+POSITIONS = {"in the center": (0.5, 0.5), "on the left": (0.28, 0.5), "on the right": (0.72, 0.5),
+             "at the top": (0.5, 0.28), "at the bottom": (0.5, 0.72)}  # fmt: skip
+BACKGROUNDS = [(245, 245, 245), (215, 215, 215), (240, 230, 205), (210, 225, 240)]
+STYLE_BACKGROUND = (22, 26, 58)  # the `zqx` style: night blue, white outline
+STYLE_TRIGGER = "zqx style "
+RES = 64
+_SS = 4  # supersampling factor
+
+
+@dataclass(frozen=True)
+class Scene:
+    kind: str
+    colour: str
+    size: str
+    position: str
+    cx: float  # centre and radius in pixels at RES
+    cy: float
+    r: float
+    background: tuple[int, int, int]
+    stripes: bool
+    style: bool = False
+
+
+def random_scene(rng: np.random.Generator, style: bool = False, kind: str | None = None,
+                 colour: str | None = None) -> Scene:  # fmt: skip
+    kind = kind or KINDS[rng.integers(len(KINDS))]
+    colour = colour or list(COLOURS)[rng.integers(len(COLOURS))]
+    size = list(SIZES)[rng.integers(len(SIZES))]
+    position = list(POSITIONS)[rng.integers(len(POSITIONS))]
+    r = float(rng.uniform(*SIZES[size]))
+    fx, fy = POSITIONS[position]
+    cx, cy = (np.array([fx, fy]) * RES + rng.uniform(-3, 3, 2)).clip(r + 2, RES - r - 2)
+    background = STYLE_BACKGROUND if style else BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    return Scene(kind, colour, size, position, float(cx), float(cy), r, background, bool(rng.random() < 0.3), style)
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """'a [size] colour kind [position]': size and position are each left out a third of the time."""
+    words = ["a"] + ([scene.size] if rng.random() > 1 / 3 else []) + [scene.colour, scene.kind]
+    if rng.random() > 1 / 3:
+        words.append(scene.position)
+    return " ".join(words)
+
+
+def _polygon(scene: Scene, s: float) -> list[tuple[float, float]] | None:
+    cx, cy, r = scene.cx * s, scene.cy * s, scene.r * s
+    if scene.kind == "square":
+        a = r * 0.88  # about the circle's area
+        return [(cx - a, cy - a), (cx + a, cy - a), (cx + a, cy + a), (cx - a, cy + a)]
+    if scene.kind == "triangle":
+        return [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
+    if scene.kind == "diamond":
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+    return None
+
+
+def render(scene: Scene, res: int = RES) -> Image.Image:
+    s = res / RES * _SS
+    size = res * _SS
+    img = Image.new("RGB", (size, size), scene.background)
+    draw = ImageDraw.Draw(img)
+    if scene.stripes:  # faint diagonal stripes
+        shade = tuple(int(c * 0.94) for c in scene.background)
+        step = int(8 * s)
+        for k in range(-size, size, step):
+            draw.line([(k, 0), (k + size, size)], fill=shade, width=max(1, step // 3))
+    fill = COLOURS[scene.colour]
+    outline, width = ((255, 255, 255), int(round(1.5 * s))) if scene.style else (None, 0)
+    poly = _polygon(scene, s)
+    if poly is None:
+        cx, cy, r = scene.cx * s, scene.cy * s, scene.r * s
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline, width=width)
+    else:
+        draw.polygon(poly, fill=fill, outline=outline, width=width)
+    return img.resize((res, res), Image.BOX)
+
+
+def write_dataset(out: str | Path, n: int, seed: int, style: bool = False) -> Path:
+    """n scenes as PNGs plus `metadata.jsonl` (file_name, text, and the scene) in `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        scene = random_scene(rng, style=style)
+        name = f"{i:06d}.png"
+        render(scene).save(out / name)
+        lines.append(json.dumps({"file_name": name, "text": caption(scene, rng), "scene": asdict(scene)}))
+    tmp = out / "metadata.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out / "metadata.jsonl")
+    return out
+
+
+def eval_prompts() -> list[tuple[str, str, str]]:
+    """The fixed prompt set: 50 (prompt, colour, kind). Every colour-kind pair appears 2 or 3 times,
+    plain, with a size and with a position."""
+    colours, out = list(COLOURS), []
+    sizes, positions = list(SIZES), list(POSITIONS)
+    for i in range(50):
+        colour, kind = colours[i % 5], KINDS[(i // 5) % 4]
+        if i < 20:
+            prompt = f"a {colour} {kind}"
+        elif i < 40:
+            prompt = f"a {sizes[i % 2]} {colour} {kind}"
+        else:
+            prompt = f"a {colour} {kind} {positions[i % 5]}"
+        out.append((prompt, colour, kind))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Analysis
+# ---------------------------------------------------------------------------------------------------------
+
+
+def luma(rgb) -> float:
+    r, g, b = (np.asarray(rgb, dtype=np.float64) / 255.0)[..., :3].T
+    return float(np.mean(0.299 * r + 0.587 * g + 0.114 * b))
+
+
+def analyze(img: Image.Image | np.ndarray, threshold: float = 70.0) -> dict:
+    """{'colour', 'kind', 'background_luma', 'fill', 'area'} of the main shape; colour and kind are None
+    when no shape is found."""
+    import cv2
+
+    a = np.asarray(img, dtype=np.float32)[..., :3]
+    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3),
+                             a[:, -2:].reshape(-1, 3)])  # fmt: skip
+    bg = np.median(border, axis=0)
+    out = {"colour": None, "kind": None, "background_luma": luma(bg), "fill": 0.0, "area": 0}
+    far = (np.linalg.norm(a - bg, axis=-1) > threshold).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(far, connectivity=8)
+    if n < 2:
+        return out
+    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x, y, w, h, area = stats[k]
+    if area < 20:
+        return out
+    mask = (labels == k).astype(np.uint8)
+    inner = cv2.erode(mask, np.ones((3, 3), np.uint8), iterations=2).astype(bool)
+    pixels = a[inner] if inner.sum() >= 5 else a[mask.astype(bool)]
+    rgb = np.median(pixels, axis=0)
+    names = list(COLOURS)
+    out["colour"] = names[int(np.argmin([np.linalg.norm(rgb - np.array(COLOURS[c])) for c in names]))]
+    fill = area / float(w * h)
+    widths = mask[y : y + h, x : x + w].sum(axis=1)
+    widest = float(np.mean(np.flatnonzero(widths >= widths.max() - 1))) / max(h - 1, 1)  # 0 top .. 1 bottom
+    if fill > 0.88:
+        kind = "square"
+    elif fill > 0.65:
+        kind = "circle"
+    else:
+        kind = "triangle" if widest > 0.7 else "diamond"
+    out.update(kind=kind, fill=fill, area=int(area))
+    return out
+
+
+def edges(img: Image.Image | np.ndarray) -> np.ndarray:
+    """Canny edges (100, 200) of an RGB image, as a boolean map."""
+    from .conditions import canny
+
+    return canny(np.asarray(img)[..., :3].astype(np.uint8)) > 0
+
+
+def edge_f1(pred: np.ndarray, target: np.ndarray, tolerance: int = 1) -> float:
+    """F1 of edge maps where a pixel within `tolerance` pixels of an edge of the other map counts as a hit
+    (the usual tolerance of boundary benchmarks, here in pixels)."""
+    import cv2
+
+    kernel = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
+    near_target = cv2.dilate(target.astype(np.uint8), kernel).astype(bool)
+    near_pred = cv2.dilate(pred.astype(np.uint8), kernel).astype(bool)
+    if not pred.any() or not target.any():
+        return 0.0
+    precision = float((pred & near_target).sum() / pred.sum())
+    recall = float((target & near_pred).sum() / target.sum())
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation and scores
+# ---------------------------------------------------------------------------------------------------------
+
+SAMPLING = {"sampler": "ddim", "steps": 25, "scale": 5.0}  # the settings every toy figure uses
+
+
+def generate(model, prompts: list[str], seeds: list[int], control=None, tuner_scale: float = 1.0,
+             batch: int = 50) -> list[Image.Image]:  # fmt: skip
+    """64x64 images for `prompts` (one per seed) with the toy sampling settings. `control`: a function
+    of the batch slice returning a `Control`, or None."""
+    import torch
+
+    from .cli import to_pil
+    from .sampling import sample
+
+    f = 2 ** (len(model.cfg.vae.ch_mult) - 1)
+    out = []
+    with torch.no_grad():
+        for k in range(0, len(prompts), batch):
+            part = prompts[k : k + batch]
+            c = model.get_learned_conditioning(part)
+            uc = model.get_learned_conditioning([""] * len(part))
+            z = sample(model, c, uc, sampler=SAMPLING["sampler"], steps=SAMPLING["steps"], scale=SAMPLING["scale"],
+                       seed=list(seeds[k : k + batch]), shape=(RES // f, RES // f), tuner_scale=tuner_scale,
+                       control=control(slice(k, k + len(part))) if control else None)  # fmt: skip
+            out += to_pil(model.decode_first_stage(z))
+    return out
+
+
+def prompt_scores(images: list[Image.Image], expected: list[tuple[str, str]]) -> dict:
+    """Fractions of images whose shape has the asked colour, kind, and both; expected: (colour, kind)."""
+    found = [analyze(im) for im in images]
+    colour = [f["colour"] == c for f, (c, _) in zip(found, expected, strict=True)]
+    kind = [f["kind"] == k for f, (_, k) in zip(found, expected, strict=True)]
+    return {"colour": float(np.mean(colour)), "kind": float(np.mean(kind)),
+            "accuracy": float(np.mean([a and b for a, b in zip(colour, kind, strict=True)])),
+            "background_luma": float(np.mean([f["background_luma"] for f in found]))}  # fmt: skip
+
+
+def style_adherence(images: list[Image.Image], dark: float = 0.3) -> float:
+    """Fraction of images on the `zqx` style's dark background (border luma below `dark`; the base world's
+    backgrounds are above 0.8, the style's is 0.11)."""
+    return float(np.mean([analyze(im)["background_luma"] < dark for im in images]))
+
+
+__all__ = ["COLOURS", "KINDS", "STYLE_TRIGGER", "Scene", "analyze", "caption", "edge_f1", "edges", "eval_prompts",
+           "generate", "prompt_scores", "random_scene", "render", "style_adherence", "write_dataset"]  # fmt: skip
