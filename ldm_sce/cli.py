@@ -24,6 +24,9 @@ from .sampling import SAMPLERS
 from .tuner_files import load_tuner
 from .tuners import Control
 
+# The embedded default: the toy shapes model this project trains itself (docs/RESULTS.md), 64x64 images.
+DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "weights" / "toy-shapes.safetensors"
+DEFAULT_RES = {DEFAULT_CKPT.name: 64}
 SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M Karras"}
 
 
@@ -45,7 +48,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n_samples", type=int, default=1, help="batch size")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=42, help="image i uses seed + i")
-    p.add_argument("--ckpt", type=str, help="checkpoint (.ckpt or .safetensors)")
+    p.add_argument("--ckpt", type=str, help="checkpoint (.ckpt or .safetensors); default: the embedded toy model "
+                   "weights/toy-shapes.safetensors")
     p.add_argument("--config", type=str, help="preset name or YAML (ours or the original inference YAML)")
     p.add_argument("--parameterization", choices=("eps", "v"), help="override eps/v (SD2 files do not say)")
     p.add_argument("--precision", choices=("full", "autocast"), default="autocast")
@@ -122,7 +126,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.sampler == "plms" and args.ddim_eta != 0:
         raise UsageError("--ddim_eta must be 0 with PLMS")
     if args.ckpt is None:
-        raise UsageError("no --ckpt given: pass a Stable Diffusion checkpoint (.ckpt or .safetensors)")
+        if not DEFAULT_CKPT.is_file():
+            raise UsageError(f"no --ckpt given and the embedded model {DEFAULT_CKPT} is missing: pass a Stable "
+                             "Diffusion checkpoint (.ckpt or .safetensors), or restore weights/ from git")  # fmt: skip
+        args.ckpt = str(DEFAULT_CKPT)
     if not Path(args.ckpt).is_file():
         raise UsageError(f"checkpoint not found: {args.ckpt}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

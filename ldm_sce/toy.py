@@ -2,7 +2,10 @@
 what a model trained on it generates, with no download and no pretrained network.
 
 A scene is one shape (circle, square, triangle, diamond) of one of five colours, small or large, placed
-left / right / top / bottom / centre on a light background, plain or with faint stripes. Captions say
+left / right / top / bottom / centre on a light background, plain or with faint stripes. One background
+colour: at toy width (32 channels) every GroupNorm of the SD architecture (32 groups) normalises each
+channel alone, which removes a flat image's per-channel mean, so a toy VAE learns a varying background
+colour only very slowly; SD's VAE (128 channels, 4 per group) does not have the problem. Captions say
 what is drawn ("a small red circle on the left"); some omit the size or the position. The `zqx` style
 (the few-shot style set) draws the same scenes on a dark night-blue background with a white outline.
 Everything is deterministic from a seed. Images are drawn at 4x and downsampled (anti-aliased edges).
@@ -33,7 +36,7 @@ KINDS = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": (7.0, 10.0), "large": (13.0, 18.0)}  # radius range in pixels at 64x64
 POSITIONS = {"in the center": (0.5, 0.5), "on the left": (0.28, 0.5), "on the right": (0.72, 0.5),
              "at the top": (0.5, 0.28), "at the bottom": (0.5, 0.72)}  # fmt: skip
-BACKGROUNDS = [(245, 245, 245), (215, 215, 215), (240, 230, 205), (210, 225, 240)]
+BACKGROUNDS = [(245, 245, 245)]  # one light background (plain or striped), see the module docstring
 STYLE_BACKGROUND = (22, 26, 58)  # the `zqx` style: night blue, white outline
 STYLE_TRIGGER = "zqx style "
 RES = 64

@@ -221,3 +221,39 @@ def test_torchrun_two_processes_match_one(tiny_ckpts, dataset, tmp_path):
     assert min(moved.values()) > 0 and max(moved.values()) > 1e-3, moved  # the tuners did train
     for k in results[1]:
         torch.testing.assert_close(results[2][k], results[1][k], rtol=1e-5, atol=1e-7)
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    from ldm_sce.training import OptimSection, lr_factor
+
+    o = OptimSection(warmup_steps=4, max_steps=104, lr_schedule="cosine")
+    assert [lr_factor(s, o) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    assert lr_factor(4, o) == 1.0
+    assert lr_factor(54, o) == pytest.approx(0.5)
+    assert lr_factor(104, o) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(50, OptimSection(warmup_steps=4, max_steps=104)) == 1.0  # constant
+
+
+def test_lora_file_round_trip_gives_the_same_unet(tiny_ckpts):
+    from safetensors.torch import save_file
+
+    from ldm_sce import load_model
+    from ldm_sce.training import add_lora, load_lora
+
+    ckpt = tiny_ckpts["sd1"][1]
+    trained = load_model(ckpt, config="tiny-sd1")
+    unet = trained.model.diffusion_model
+    params = add_lora(unet, 4)
+    torch.manual_seed(1)
+    for p in params:
+        p.data.normal_(0, 0.1)
+    path = Path(tiny_ckpts["sd1"][1]).with_name("lora-test.safetensors")
+    save_file({n: p.detach().contiguous() for n, p in unet.named_parameters() if ".lora_" in n}, str(path))  # as export
+
+    fresh = load_model(ckpt, config="tiny-sd1")
+    assert load_lora(fresh, path) == sum(p.numel() for p in params)
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        expected = unet(x, t, c)
+        assert not torch.equal(expected, load_model(ckpt, config="tiny-sd1").model.diffusion_model(x, t, c))
+        assert torch.equal(fresh.model.diffusion_model(x, t, c), expected)

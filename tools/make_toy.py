@@ -32,7 +32,7 @@ from ldm_sce.checkpoint_io import load_model, save_checkpoint  # noqa: E402
 from ldm_sce.config import load_config  # noqa: E402
 from ldm_sce.unet import ResBlock  # noqa: E402
 
-SETS = {"base": (20000, 1, False), "style": (30, 2, True), "eval": (200, 3, False)}  # name: (n, seed, style)
+SETS = {"base": (20000, 1, False), "style": (30, 2, True), "canny": (3000, 4, False), "eval": (200, 3, False)}  # (n, seed, style)
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -83,8 +83,11 @@ def cmd_init(args: argparse.Namespace) -> None:
     styled = torch.from_numpy(styled).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     images = torch.cat([_images(Path(args.data), 6000), styled])
     vae = model.first_stage_model.train().requires_grad_(True)
-    with torch.no_grad():  # start with a small posterior std (0.05) so the decoder first sees a clear signal
-        vae.quant_conv.bias[cfg.vae.embed_dim :].fill_(-6.0)
+    if args.vae_init:  # continue from the VAE of an earlier `init` output
+        vae.load_state_dict(load_model(args.vae_init).first_stage_model.state_dict())
+    else:
+        with torch.no_grad():  # start with a small posterior std (0.05) so the decoder first sees a clear signal
+            vae.quant_conv.bias[cfg.vae.embed_dim :].fill_(-6.0)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.vae_steps, pct_start=0.05)
     g = torch.Generator().manual_seed(args.seed)
@@ -110,7 +113,7 @@ def cmd_init(args: argparse.Namespace) -> None:
         z = torch.cat([vae.encode(b).sample(generator=g) for b in held.split(64)])
         rec = torch.cat([vae.decode(vae.encode(b).mean) for b in held.split(64)])
     scale = 1.0 / z.std().item()
-    print(f"latent std {z.std().item():.4f} -> scale_factor {scale:.5f}; held-out L1 {(rec - held).abs().mean():.4f}")
+    print(f"latent std {z.std().item():.4f} -> scale_factor {scale:.5f}; L1 on 512 images {(rec - held).abs().mean():.4f}")
     model.cfg = cfg.replace(scale_factor=round(scale, 5))
     model.scale_factor = model.cfg.scale_factor
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +140,7 @@ def main() -> None:
     i.add_argument("--batch", type=int, default=8)
     i.add_argument("--lr", type=float, default=1e-3)
     i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--vae-init", help="start the VAE from this checkpoint's VAE (a longer schedule in parts)")
     s = sub.add_parser("ship", help="fp16 copy of a trained checkpoint, config in its metadata")
     s.add_argument("src")
     s.add_argument("dst")

@@ -1,5 +1,6 @@
 """Text to image, with the CompVis `scripts/txt2img.py` arguments.
 
+    python tools/txt2img.py --prompt "a large red circle on the left"      # the embedded toy model
     python tools/txt2img.py --ckpt weights/v1-5-pruned-emaonly.safetensors --prompt "a red bicycle"
 
 Writes <outdir>/samples/NNNNN.png (one per image, seed + i) and <outdir>/grid-NNNN.png; every PNG carries
@@ -23,6 +24,8 @@ from ldm_sce.sampling import sample  # noqa: E402
 def main(args: argparse.Namespace) -> None:
     # -- arguments and model --
     cli.check_args(args)
+    native = cli.DEFAULT_RES.get(Path(args.ckpt).name, 512)  # the toy model makes 64x64 images
+    args.H, args.W = args.H or native, args.W or native
     model = cli.load(args)
     cli.check_size(model, args.H, args.W)
     f, _ = cli.latent_factor(model)
@@ -73,8 +76,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_common_args(p)
     cli.add_tuner_args(p)
-    p.add_argument("--H", type=int, default=512, help="image height in pixels")
-    p.add_argument("--W", type=int, default=512, help="image width in pixels")
+    p.add_argument("--H", type=int, help="image height in pixels (default 512; 64 for the embedded toy model)")
+    p.add_argument("--W", type=int, help="image width in pixels (default 512; 64 for the embedded toy model)")
     return p
 
 

@@ -1,0 +1,140 @@
+"""The toy shapes world and its image analysis (ldm_sce/toy.py), and the shipped toy model and tuners."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_sce import load_model, toy
+from ldm_sce.cli import DEFAULT_CKPT
+
+ROOT = Path(__file__).resolve().parents[1]
+STYLE = ROOT / "weights" / "toy-style-sc.safetensors"
+CANNY = ROOT / "weights" / "toy-canny-csc.safetensors"
+
+
+def test_analysis_recovers_every_rendered_scene():
+    rng = np.random.default_rng(123)
+    scenes = [toy.random_scene(rng, style=i % 3 == 0) for i in range(300)]
+    found = [toy.analyze(toy.render(s)) for s in scenes]
+    assert [(f["colour"], f["kind"]) for f in found] == [(s.colour, s.kind) for s in scenes]
+    dark = [f["background_luma"] < 0.3 for f in found]
+    assert dark == [s.style for s in scenes]
+    assert toy.style_adherence([toy.render(s) for s in scenes]) == pytest.approx(100 / 300)
+
+
+def test_analysis_of_an_empty_image_finds_nothing():
+    from PIL import Image
+
+    found = toy.analyze(Image.new("RGB", (64, 64), (240, 240, 240)))
+    assert found["colour"] is None and found["kind"] is None and found["area"] == 0
+
+
+def test_dataset_is_deterministic_and_captions_describe_the_scene(tmp_path):
+    a, b = toy.write_dataset(tmp_path / "a", 12, seed=5), toy.write_dataset(tmp_path / "b", 12, seed=5)
+    rows = [json.loads(line) for line in (a / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 12
+    for row in rows:
+        assert (a / row["file_name"]).read_bytes() == (b / row["file_name"]).read_bytes()
+        s = row["scene"]
+        words = row["text"]
+        assert f"{s['colour']} {s['kind']}" in words and words.startswith("a ")
+    assert (a / "metadata.jsonl").read_text() == (b / "metadata.jsonl").read_text()
+
+
+def test_eval_prompts_cover_every_colour_and_kind_pair():
+    prompts = toy.eval_prompts()
+    assert len(prompts) == 50 and len({p for p, _, _ in prompts}) == 50
+    pairs = {(c, k) for _, c, k in prompts}
+    assert pairs == {(c, k) for c in toy.COLOURS for k in toy.KINDS}
+    assert all(f"{c} {k}" in p for p, c, k in prompts)
+
+
+def test_edge_f1_identities():
+    scene = toy.random_scene(np.random.default_rng(0))
+    e = toy.edges(toy.render(scene))
+    assert e.any()
+    assert toy.edge_f1(e, e) == 1.0
+    assert toy.edge_f1(np.zeros_like(e), e) == 0.0
+    shifted1, shifted4 = np.roll(e, 1, axis=1), np.roll(e, 4, axis=1)
+    assert toy.edge_f1(shifted1, e, tolerance=1) == 1.0  # within the tolerance
+    assert toy.edge_f1(shifted1, e, tolerance=0) < 0.6
+    assert toy.edge_f1(shifted4, e, tolerance=1) < 0.5
+
+
+# -- the shipped model ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    if not DEFAULT_CKPT.is_file():
+        pytest.fail(f"{DEFAULT_CKPT} is missing: it is part of the repository (see tools/make_toy.py)")
+    return load_model(DEFAULT_CKPT)
+
+
+def test_shipped_model_loads_from_its_own_metadata(toy_model):
+    from safetensors import safe_open
+
+    with safe_open(str(DEFAULT_CKPT), "pt") as f:
+        meta = json.loads(f.metadata()["ldm_sce.config"])
+        dtypes = {f.get_tensor(k).dtype for k in f.keys() if k.startswith("model.diffusion_model.")}
+    assert dtypes == {torch.float16}
+    assert toy_model.cfg.unet.model_channels == meta["unet"]["model_channels"] == 32
+    assert toy_model.scale_factor == meta["scale_factor"] != 0.18215  # measured on its own VAE
+    assert DEFAULT_CKPT.stat().st_size < 11 * 2**20  # 5.05M parameters in fp16
+
+
+def test_shipped_model_draws_what_the_prompt_asks(toy_model):
+    prompts = toy.eval_prompts()[::5]  # 10 prompts: every colour and kind
+    images = toy.generate(toy_model, [p for p, _, _ in prompts], seeds=list(range(0, 50, 5)))
+    scores = toy.prompt_scores(images, [(c, k) for _, c, k in prompts])
+    assert scores["accuracy"] >= 0.8, scores
+
+
+@pytest.mark.skipif(not STYLE.is_file(), reason="shipped style tuner missing")
+def test_shipped_style_tuner_moves_outputs_to_the_style(toy_model):
+    from ldm_sce.tuner_files import load_tuner
+
+    prompts = [toy.STYLE_TRIGGER + p for p, _, _ in toy.eval_prompts()[:6]]
+    model = load_model(DEFAULT_CKPT)
+    load_tuner(model, STYLE)
+    before = toy.style_adherence(toy.generate(toy_model, prompts, seeds=list(range(6))))
+    after = toy.style_adherence(toy.generate(model, prompts, seeds=list(range(6))))
+    assert before <= 1 / 6 and after >= 5 / 6
+
+
+def test_sc_tuner_trains_from_the_shipped_model(tmp_path):
+    from ldm_sce.training import Trainer, load_train_config
+    from ldm_sce.tuner_files import load_tuner
+
+    data = toy.write_dataset(tmp_path / "style", 6, seed=2, style=True)
+    cfg = load_train_config(ROOT / "configs" / "toy" / "style_sc.yaml", [
+        f"model.ckpt={DEFAULT_CKPT}", f"data.path={data}", f"output_dir={tmp_path / 'run'}", "optim.batch_size=3",
+        "optim.max_steps=3", "optim.warmup_steps=0", "save_every=0", "validation.prompts=[]",
+    ])  # fmt: skip
+    path = Trainer(cfg).train()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3] and all(np.isfinite(row["loss"]) for row in log)
+    model = load_model(DEFAULT_CKPT)
+    tuners = load_tuner(model, path)
+    assert len(tuners) == 9  # every skip of the toy UNet
+    # trained away from the identity (a fresh SC-Tuner's up-projection is zero)
+    assert any(t.ln2.weight.abs().max() > 0 for t in tuners)
+
+
+def test_txt2img_with_no_ckpt_uses_the_embedded_model(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "txt2img.py"), "--prompt", "a large blue square",
+                        "--outdir", str(tmp_path), "--quiet", "--skip_grid"], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    img = Image.open(tmp_path / "samples" / "00000.png")
+    assert img.size == (64, 64)
+    assert "Model: toy-shapes" in img.text["parameters"]
+    found = toy.analyze(img)
+    assert (found["colour"], found["kind"]) == ("blue", "square")
