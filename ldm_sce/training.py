@@ -522,13 +522,14 @@ def load_lora(model, path: str | Path) -> int:
     ranks = {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A")}
     if len(ranks) != 1:
         raise ConfigError(f"{path}: not a LoRA file of this project (lora_A ranks {sorted(ranks)})")
-    p = next(unet.parameters())
     params = add_lora(unet, ranks.pop())
-    names = {n for n, _ in unet.named_parameters() if ".lora_" in n}
-    if names != set(tensors):
-        raise ConfigError(f"{path}: LoRA keys do not fit this UNet ({len(set(tensors) - names)} unknown, "
-                          f"{len(names - set(tensors))} missing)")  # fmt: skip
-    unet.load_state_dict({k: t.to(p.device, p.dtype) for k, t in tensors.items()}, strict=False)
+    named = {n: q for n, q in unet.named_parameters() if ".lora_" in n}
+    if set(named) != set(tensors) or any(named[k].shape != t.shape for k, t in tensors.items()):
+        raise ConfigError(f"{path}: LoRA keys or shapes do not fit this UNet ({len(set(tensors) - set(named))} "
+                          f"unknown, {len(set(named) - set(tensors))} missing)")  # fmt: skip
+    with torch.no_grad():
+        for k, t in tensors.items():
+            named[k].copy_(t)
     for q in params:
         q.requires_grad_(False)
     return sum(q.numel() for q in params)
