@@ -57,10 +57,9 @@ class Scene:
     style: bool = False
 
 
-def random_scene(rng: np.random.Generator, style: bool = False, kind: str | None = None,
-                 colour: str | None = None) -> Scene:  # fmt: skip
-    kind = kind or KINDS[rng.integers(len(KINDS))]
-    colour = colour or list(COLOURS)[rng.integers(len(COLOURS))]
+def random_scene(rng: np.random.Generator, style: bool = False) -> Scene:
+    kind = KINDS[rng.integers(len(KINDS))]
+    colour = list(COLOURS)[rng.integers(len(COLOURS))]
     size = list(SIZES)[rng.integers(len(SIZES))]
     position = list(POSITIONS)[rng.integers(len(POSITIONS))]
     r = float(rng.uniform(*SIZES[size]))

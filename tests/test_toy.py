@@ -95,7 +95,15 @@ def test_shipped_model_draws_what_the_prompt_asks_far_above_chance(toy_model):
     assert scores["accuracy"] >= 0.4 and scores["kind"] >= 0.6, scores
 
 
-@pytest.mark.skipif(not STYLE.is_file(), reason="shipped style tuner missing")
+def test_shipped_canny_controller_loads_for_the_shipped_base(toy_model):
+    from ldm_sce.tuner_files import load_tuner
+
+    ctrl = load_tuner(load_model(DEFAULT_CKPT), CANNY)
+    assert ctrl.condition == "canny"
+    cond = torch.rand(1, 3, 128, 128)  # 8x the 16x16 latent
+    assert [h.shape[1:] for h in ctrl.hints(cond)][::-1][0] == (32, 16, 16)  # conv_in's skip, encoder order
+
+
 def test_shipped_style_tuner_moves_outputs_to_the_style(toy_model):
     from ldm_sce.tuner_files import load_tuner
 

@@ -64,7 +64,7 @@ def main() -> None:
     ref_edges = [toy.edges(r) for r in refs]
     rows, grids = [], {}
 
-    def row(name: str, params: int, model, **kw) -> dict:
+    def row(name: str, params: int, model, ctrl=None) -> dict:
         out = {"model": name, "trainable_params": params}
         images = toy.generate(model, texts, seeds)
         out.update({f"prompt_{k}": v for k, v in toy.prompt_scores(images, expected).items()})
@@ -72,9 +72,8 @@ def main() -> None:
         out["style_adherence"] = toy.style_adherence(styled_images)
         out["style_prompt_accuracy"] = toy.prompt_scores(styled_images, expected)["accuracy"]
         grids[name] = images[:10] + styled_images[:10]
-        if kw.get("control") is not None:
-            ctrl = kw["control"]
-            cond = torch.cat([condition_tensor(make_condition("canny", r, *kw["cond_size"])) for r in refs])
+        if ctrl is not None:  # conditions at 8x the latent size, as the CLI and the trainer make them
+            cond = torch.cat([condition_tensor(make_condition("canny", r, *cond_size)) for r in refs])
             hints = ctrl.hints(cond)
             images = toy.generate(model, ctrl_texts, seeds,
                                   control=lambda sl: Control([[h[sl] for h in hints]], [1.0]))  # fmt: skip
@@ -102,8 +101,7 @@ def main() -> None:
     if args.canny and Path(args.canny).is_file():
         model = load_model(args.ckpt)
         ctrl = load_tuner(model, args.canny)
-        row("base + CSC-Tuner (canny)", sum(p.numel() for p in ctrl.parameters()), model, control=ctrl,
-            cond_size=cond_size)  # fmt: skip
+        row("base + CSC-Tuner (canny)", sum(p.numel() for p in ctrl.parameters()), model, ctrl)
 
     print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s; DDIM {toy.SAMPLING['steps']} steps, "
           f"guidance {toy.SAMPLING['scale']}\n")  # fmt: skip

@@ -136,7 +136,7 @@ def main() -> None:
     i.add_argument("--data", default="data/toy/base")
     i.add_argument("--config", default="configs/toy/model.yaml")
     i.add_argument("--out", default="outputs/toy/init.safetensors")
-    i.add_argument("--vae-steps", type=int, default=900)
+    i.add_argument("--vae-steps", type=int, default=2500)  # the shipped model's
     i.add_argument("--batch", type=int, default=8)
     i.add_argument("--lr", type=float, default=1e-3)
     i.add_argument("--seed", type=int, default=0)
