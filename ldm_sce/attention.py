@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, geglu
+from .layers import Conv2d, geglu, recompute_frozen
 
 
 class CrossAttention(nn.Module):
@@ -46,7 +46,8 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return geglu(self.proj(x))
+        # frozen: keep x (dim_in wide), not proj(x) (2 * dim_out = 8x wider), for backward
+        return recompute_frozen(lambda x: geglu(self.proj(x)), x, self.proj)
 
 
 class FeedForward(nn.Module):

@@ -6,6 +6,10 @@ layer keeps only for its weight gradient is pure overhead.
   needs the weight alone. When the weight is frozen and the input needs a gradient, keep only the weight
   (already held by the model).
 - `geglu`: `a * gelu(b)` keeps both `[a, b]` and `gelu(b)`; keep `[a, b]` and recompute `gelu(b)`.
+- `recompute_frozen`: a cheap frozen piece (GroupNorm + SiLU in a ResBlock; the feed-forward's input
+  projection + GEGLU) keeps only its input and reruns in backward (`torch.utils.checkpoint`). GroupNorm
+  keeps its input anyway, so GroupNorm + SiLU stops keeping SiLU's input; the projection's output is 8x
+  its input (SD1 at 512px: 210 MB of activations instead of 26 MB), for one extra linear per block.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class _FrozenWeightConv2d(torch.autograd.Function):
@@ -63,3 +68,11 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
         return _GEGLU.apply(h)
     a, b = h.chunk(2, dim=-1)
     return a * F.gelu(b)
+
+
+def recompute_frozen(fn, x: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
+    """fn(x); when x needs a gradient and every parameter of `modules` (those fn uses) is frozen, keep only
+    x for backward and rerun fn there. Trainable modules, or no gradient wanted: fn(x) as it is."""
+    if torch.is_grad_enabled() and x.requires_grad and not any(p.requires_grad for m in modules for p in m.parameters()):
+        return checkpoint(fn, x, use_reentrant=False, preserve_rng_state=False)  # fn draws no random numbers
+    return fn(x)

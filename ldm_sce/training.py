@@ -106,6 +106,9 @@ class TrainConfig:
     validation: ValidationSection = field(default_factory=ValidationSection)
     precision: str = "fp32"  # fp32 | bf16 | fp16
     gradient_checkpointing: bool = False  # recompute decoder blocks in backward (less memory, more time)
+    # offset noise (kohya's and diffusers' --noise_offset): add offset * N(0, 1) per image and channel to the
+    # noise, so the model cannot read the image's mean colour from the noise's at high t (0.1 is usual)
+    noise_offset: float = 0.0
     seed: int = 0
     output_dir: str = "outputs/train"
     save_every: int = 500
@@ -122,6 +125,7 @@ class TrainConfig:
              "method csc needs method.condition (canny, color, inpaint) or data.condition_dir"),
             (self.optim.batch_size >= 1 and self.optim.grad_accum >= 1 and self.optim.max_steps >= 1,
              "optim.batch_size, grad_accum and max_steps must be at least 1"),
+            (self.noise_offset >= 0, f"noise_offset must be >= 0, got {self.noise_offset}"),
             (self.optim.lr_schedule in ("constant", "cosine"),
              f"optim.lr_schedule must be constant or cosine, got {self.optim.lr_schedule!r}"),
         ]  # fmt: skip
@@ -266,7 +270,11 @@ class Trainer:
         z0 = model.scale_factor * torch.cat(z)
         gens = [_generator(self.cfg.seed, micro, slot, 2) for slot, _ in rows]
         t = torch.cat([torch.randint(0, model.num_timesteps, (1,), generator=g) for g in gens]).to(dev)
-        noise = torch.cat([torch.randn((1, *z0.shape[1:]), generator=g) for g in gens]).to(dev)
+        noise = torch.cat([torch.randn((1, *z0.shape[1:]), generator=g) for g in gens])
+        if self.cfg.noise_offset:
+            c = z0.shape[1]
+            noise += self.cfg.noise_offset * torch.cat([torch.randn((1, c, 1, 1), generator=g) for g in gens])
+        noise = noise.to(dev)
         x_t = model.q_sample(z0, t, noise)
         target = noise if model.parameterization == "eps" else model.get_v(z0, noise, t)
         out = {"x_t": x_t, "t": t, "c": self._text(batch["caption"]), "target": target}

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import SpatialTransformer
 from .config import UNetConfig
-from .layers import Conv2d
+from .layers import Conv2d, recompute_frozen
 from .tuners import Control, CSCTuner, SCTuner, SkipIdentity
 
 
@@ -53,9 +53,15 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
+        # in_layers(x) and out_layers(h), with GroupNorm + SiLU recomputed in backward when frozen (the
+        # Dropout at out_layers.2 has p = 0)
+        h = self.in_layers[2](self._norm_silu(self.in_layers[0], x))
         h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)
-        return self.skip_connection(x) + self.out_layers(h)
+        return self.skip_connection(x) + self.out_layers[3](self._norm_silu(self.out_layers[0], h))
+
+    @staticmethod
+    def _norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return recompute_frozen(lambda x: F.silu(norm(x)), x, norm)
 
 
 class Downsample(nn.Module):

@@ -257,3 +257,19 @@ def test_lora_file_round_trip_gives_the_same_unet(tiny_ckpts):
         expected = unet(x, t, c)
         assert not torch.equal(expected, load_model(ckpt, config="tiny-sd1").model.diffusion_model(x, t, c))
         assert torch.equal(fresh.model.diffusion_model(x, t, c), expected)
+
+
+def test_noise_offset_adds_one_normal_draw_per_image_and_channel(tiny_ckpts, dataset, tmp_path):
+    """Offset noise: the noise (the eps target) moves by offset * N(0, 1), constant over each image's channel,
+    and x_t by sqrt(1 - alphas_cumprod[t]) times that; everything else is the same draw."""
+    path = write_config(tmp_path, tiny_ckpts["sd1"][1], dataset)
+    plain = Trainer(load_train_config(path))._prepare(3)
+    offset = Trainer(load_train_config(path, ["noise_offset=0.1"]))._prepare(3)
+    torch.testing.assert_close(offset["t"], plain["t"], rtol=0, atol=0)
+    shift = offset["target"] - plain["target"]
+    torch.testing.assert_close(shift, shift[:, :, :1, :1].expand_as(shift), rtol=0, atol=1e-6)
+    assert 0.01 < shift[:, :, 0, 0].abs().mean() < 0.3
+    ac = Trainer(load_train_config(path)).model.alphas_cumprod[plain["t"]].view(-1, 1, 1, 1)
+    torch.testing.assert_close(offset["x_t"] - plain["x_t"], (1 - ac).sqrt() * shift, rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="noise_offset"):
+        load_train_config(path, ["noise_offset=-1"])

@@ -358,3 +358,54 @@ def test_geglu_same_gradients_keeping_one_tensor():
     a, b = h.chunk(2, dim=-1)
     torch.testing.assert_close(y, a * F.gelu(b))
     assert torch.autograd.gradcheck(geglu, (h,))
+
+
+def _saved_bytes(fn, x, module):
+    """fn(x) and the bytes it keeps for backward, the module's own weights not counted."""
+    storages, weights = {}, {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(x)
+    return y, sum(storages.values())
+
+
+def test_frozen_resblock_and_feedforward_keep_less_same_gradients():
+    """GroupNorm + SiLU and the GEGLU projection are rerun in backward when frozen: same outputs and input
+    gradients as the plain layers, less kept; trainable: the plain path, with weight gradients."""
+    from ldm_sce.attention import FeedForward
+    from ldm_sce.unet import ResBlock
+
+    torch.manual_seed(0)
+    block, ff = ResBlock(64, 32, 96).requires_grad_(False), FeedForward(64).requires_grad_(False)
+    for m in block.modules():  # non-trivial norms and a non-zero output conv
+        if isinstance(m, (torch.nn.GroupNorm, torch.nn.Conv2d)):
+            torch.nn.init.normal_(m.weight, 1.0 if isinstance(m, torch.nn.GroupNorm) else 0.05)
+    emb = torch.randn(2, 32)
+
+    def plain_block(x):
+        h = block.in_layers[2](F.silu(block.in_layers[0](x))) + block.emb_layers(emb)[:, :, None, None]
+        return block.skip_connection(x) + block.out_layers[3](F.silu(block.out_layers[0](h)))
+
+    def plain_ff(x):
+        a, b = ff.net[0].proj(x).chunk(2, dim=-1)
+        return ff.net[2](a * F.gelu(b))
+
+    cases = [(lambda x: block(x, emb), plain_block, torch.randn(2, 64, 12, 12), block, 0.55),
+             (ff, plain_ff, torch.randn(2, 50, 64), ff, 0.2)]  # fmt: skip
+    for ours, plain, x, module, ratio in cases:
+        x.requires_grad_(True)
+        y, kept = _saved_bytes(ours, x, module)
+        y_ref, kept_ref = _saved_bytes(plain, x, module)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
+        g = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0],
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        assert kept < ratio * kept_ref, (kept, kept_ref)
+    ff.requires_grad_(True)
+    ff(torch.randn(2, 5, 64, requires_grad=True)).sum().backward()
+    assert ff.net[0].proj.weight.grad.abs().sum() > 0
