@@ -73,6 +73,10 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
 def recompute_frozen(fn, x: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
     """fn(x); when x needs a gradient and every parameter of `modules` (those fn uses) is frozen, keep only
     x for backward and rerun fn there. Trainable modules, or no gradient wanted: fn(x) as it is."""
-    if torch.is_grad_enabled() and x.requires_grad and not any(p.requires_grad for m in modules for p in m.parameters()):
+    if (
+        torch.is_grad_enabled()
+        and x.requires_grad
+        and not any(p.requires_grad for m in modules for p in m.parameters())
+    ):
         return checkpoint(fn, x, use_reentrant=False, preserve_rng_state=False)  # fn draws no random numbers
     return fn(x)
