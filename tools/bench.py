@@ -122,6 +122,21 @@ def bench_infer(args) -> dict:
     for ctrl in ctrls.values():
         for p in ctrl.parameters():
             p.data.normal_(0, 0.02)  # non-zero: nothing may be skipped
+    runners = {}
+    if args.peers:  # what users would run instead: diffusers' UNet on the same weights, and with a ControlNet
+        from diffusers import ControlNetModel
+
+        dunet = diffusers_unet_from(unet, args.preset)
+        dctrl = ControlNetModel.from_unet(dunet).eval().requires_grad_(False)
+        dcond = torch.rand(args.batch, 3, args.latent * 8, args.latent * 8)
+
+        def diffusers_forward(controlnet: bool) -> torch.Tensor:
+            if not controlnet:
+                return dunet(x, t, ctx).sample
+            down, mid = dctrl(x, t, ctx, controlnet_cond=dcond, return_dict=False)
+            return dunet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+
+        runners = {"diffusers": lambda: diffusers_forward(False), "diffusers+controlnet": lambda: diffusers_forward(True)}
     tuners = unet.attach_sc_tuners()
     for p in unet.tuners.parameters():
         p.data.normal_(0, 0.02)
@@ -142,7 +157,7 @@ def bench_infer(args) -> dict:
         return unet(x, t, ctx, control=Control([hints[csc]], [1.0]) if csc else None)
 
     variants = {"base": (False, None), "sc": (True, None), "csc1": (False, 1), "csc3": (False, 3), "sc+csc1": (True, 1)}
-    runners = {name: (lambda sc=sc, csc=csc: forward(sc, csc)) for name, (sc, csc) in variants.items()}
+    runners = {name: (lambda sc=sc, csc=csc: forward(sc, csc)) for name, (sc, csc) in variants.items()} | runners
     with torch.inference_mode():
         alternate(runners, 1)  # warm-up round
         times = alternate(runners, args.runs)
@@ -255,16 +270,30 @@ def _timed_training(args, dev, params, forward, ctx_dim) -> dict:
         loaded = torch.cuda.memory_allocated() / 2**20
     else:
         loaded = _rss_mb()
-    times = []
-    for i in range(args.steps + 1):  # the first step is a warm-up (and allocates the optimiser state)
-        start = time.perf_counter()
-        F.mse_loss(forward(x, t, ctx, cond), target).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
+
+    times, fwd_times = [], []
+    for i in range(args.steps + 1):  # the first step is a warm-up (and allocates the optimiser state)
+        start = time.perf_counter()
+        loss = F.mse_loss(forward(x, t, ctx, cond), target)
+        sync()
+        fwd = time.perf_counter() - start
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
         if i:
             times.append(time.perf_counter() - start)
+            fwd_times.append(fwd)
+    forward_times = []  # the forward alone, no autograd: the floor of any method's step
+    with torch.no_grad():
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            forward(x, t, ctx, cond)
+            sync()
+            forward_times.append(time.perf_counter() - start)
     peak = (
         torch.cuda.max_memory_allocated() / 2**20
         if dev.type == "cuda"
@@ -278,6 +307,8 @@ def _timed_training(args, dev, params, forward, ctx_dim) -> dict:
         "overhead_mb": peak - loaded,
         "step_seconds_median": statistics.median(times),
         "step_seconds_all": times,
+        "step_forward_seconds_median": statistics.median(fwd_times),  # the step's forward (with autograd)
+        "forward_seconds_median": statistics.median(forward_times),  # a forward without autograd
     }
 
 
@@ -426,6 +457,7 @@ def main() -> None:
 
     add("unet", "UNet forward: ldm_sce vs diffusers on the same random weights", runs=5)
     add("infer", "UNet forward without / with SC-Tuners and CSC-Tuner controllers", runs=3)
+    sub.choices["infer"].add_argument("--peers", action="store_true", help="also diffusers' UNet and UNet + ControlNet")
     add("step", "seconds per DDIM+CFG sampling step: ldm_sce.sample vs diffusers' pipeline", runs=2, batch=None)
     sub.choices["step"].add_argument("--steps", type=int, default=3)
     for name in ("train", "train-one"):
@@ -449,7 +481,9 @@ def main() -> None:
                 print(f"  {r['method']:6s} failed: {r['error']}")
             else:
                 print(f"  {r['method']:6s} params {r['trainable_params'] / 1e6:8.2f}M  peak {r['peak_mb']:8.0f} MB  "
-                      f"overhead {r['overhead_mb']:8.0f} MB  step {r['step_seconds_median']:6.2f} s")  # fmt: skip
+                      f"overhead {r['overhead_mb']:8.0f} MB  step {r['step_seconds_median']:6.2f} s  "
+                      f"(its forward {r['step_forward_seconds_median']:6.2f} s; no-grad forward "
+                      f"{r['forward_seconds_median']:6.2f} s)")  # fmt: skip
         for k, v in result["ratios"].items():
             print(f"  {k}: {v:.2f}")
         if args.json:
@@ -461,10 +495,9 @@ def main() -> None:
         print(f"  {name:10s} {s:8.3f} s  (median of {args.runs})")
     if "overhead_vs_base" in result:
         for name, o in result["overhead_vs_base"].items():
-            iso = result["isolated_overhead_vs_base"][name]
-            print(
-                f"  {name:10s} end-to-end {100 * o:+.1f}%   isolated skip edits {100 * iso:+.2f}% of the base forward"
-            )
+            iso = result["isolated_overhead_vs_base"].get(name)
+            edits = f"   isolated skip edits {100 * iso:+.2f}% of the base forward" if iso is not None else ""
+            print(f"  {name:10s} end-to-end {100 * o:+.1f}%{edits}")
         print(f"  hints, once per image: {result['hint_seconds_once_per_image']}")
     else:
         ratio, diff = result["ratio_ldm_sce_over_diffusers"], result["max_abs_diff"]
