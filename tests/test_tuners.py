@@ -406,6 +406,11 @@ def test_frozen_resblock_and_feedforward_keep_less_same_gradients():
         torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0],
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
         assert kept < ratio * kept_ref, (kept, kept_ref)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the rerun in backward is under the same autocast
+            y, y_ref = ours(x), plain(x)
+        assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+        torch.testing.assert_close(torch.autograd.grad(y, x, g.bfloat16())[0],
+                                   torch.autograd.grad(y_ref, x, g.bfloat16())[0], rtol=0, atol=0)  # fmt: skip
     ff.requires_grad_(True)
     ff(torch.randn(2, 5, 64, requires_grad=True)).sum().backward()
     assert ff.net[0].proj.weight.grad.abs().sum() > 0
