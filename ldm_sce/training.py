@@ -150,7 +150,7 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = yaml.safe_load(value) if value.strip() else ""  # `data.trigger=` sets an empty string
     return build_dataclass(TrainConfig, data, str(path), _SECTIONS).validate()
 
 

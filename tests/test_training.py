@@ -195,6 +195,7 @@ def test_config_errors_name_the_problem(tiny_ckpts, dataset, tmp_path):
     with pytest.raises(ConfigError, match="needs method.condition"):
         load_train_config(path, ["method.name=csc"])
     assert load_train_config(path, ["optim.lr=1e-4"]).optim.lr == 1e-4
+    assert load_train_config(path, ["data.trigger="]).data.trigger == ""
     r = run_train("--base", path, "optim.batch_sise=2")
     assert r.returncode == 2 and "batch_sise" in r.stderr and "Traceback" not in r.stderr
 
