@@ -88,11 +88,11 @@ def test_shipped_model_loads_from_its_own_metadata(toy_model):
 
 def test_shipped_model_draws_what_the_prompt_asks_far_above_chance(toy_model):
     # The fixed 50 prompts of docs/RESULTS.md. Chance is 1/20 (5 colours x 4 kinds); the untrained initial
-    # checkpoint scores 0.08; the shipped model 0.44 (the target, 0.8, is not reached yet).
+    # checkpoint scores 0.08, the model before offset noise 0.44; the shipped model 0.98 (colour 1.0, kind 0.98).
     prompts = toy.eval_prompts()
     images = toy.generate(toy_model, [p for p, _, _ in prompts], seeds=list(range(len(prompts))))
     scores = toy.prompt_scores(images, [(c, k) for _, c, k in prompts])
-    assert scores["accuracy"] >= 0.4 and scores["kind"] >= 0.6, scores
+    assert scores["accuracy"] >= 0.9 and scores["colour"] >= 0.9 and scores["kind"] >= 0.9, scores
 
 
 def test_shipped_canny_controller_loads_for_the_shipped_base(toy_model):
@@ -107,12 +107,12 @@ def test_shipped_canny_controller_loads_for_the_shipped_base(toy_model):
 def test_shipped_style_tuner_moves_outputs_to_the_style(toy_model):
     from ldm_sce.tuner_files import load_tuner
 
-    prompts = [toy.STYLE_TRIGGER + p for p, _, _ in toy.eval_prompts()[:6]]
+    prompts = [toy.STYLE_TRIGGER + p for p, _, _ in toy.eval_prompts()[:10]]
     model = load_model(DEFAULT_CKPT)
     load_tuner(model, STYLE)
-    before = toy.style_adherence(toy.generate(toy_model, prompts, seeds=list(range(6))))
-    after = toy.style_adherence(toy.generate(model, prompts, seeds=list(range(6))))
-    assert before == 0.0 and after >= 4 / 6  # measured: 0 and 5/6
+    before = toy.style_adherence(toy.generate(toy_model, prompts, seeds=list(range(10))))
+    after = toy.style_adherence(toy.generate(model, prompts, seeds=list(range(10))))
+    assert before == 0.0 and after >= 0.7  # measured: 0 and 0.8 (0.82 on all 50, docs/RESULTS.md)
 
 
 def test_sc_tuner_trains_from_the_shipped_model(tmp_path):

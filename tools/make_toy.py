@@ -4,7 +4,8 @@ the initial checkpoint that `tools/train.py` trains with method `full`, and the 
     python tools/make_toy.py data --out data/toy                  # base set, few-shot style set, eval set
     python tools/make_toy.py init --data data/toy/base --out outputs/toy/init.safetensors
     python tools/train.py --base configs/toy/base.yaml            # the UNet, from scratch (method full)
-    python tools/make_toy.py ship outputs/toy/base/model.safetensors weights/toy-shapes.safetensors
+    python tools/train.py --base configs/toy/base_offset.yaml     # continued with offset noise
+    python tools/make_toy.py ship outputs/toy/base_offset/model.safetensors weights/toy-shapes.safetensors
 
 `init` trains the KL autoencoder (L1 reconstruction + KL 1e-6, the CompVis weighting without the LPIPS
 and GAN terms, which a world of flat shapes does not need), measures `scale_factor` as 1 / std of its
