@@ -23,7 +23,11 @@ method and run under no_grad, so the step takes precomputed latents and text fea
 
 `step`: seconds per DDIM sampling step with classifier-free guidance (B=1 image, so a UNet batch of 2),
 `ldm_sce.sample` vs diffusers' StableDiffusionPipeline denoising loop on the same UNet weights (given
-precomputed text embeddings, output_type="latent": the VAE decode is not timed).
+precomputed text embeddings, output_type="latent": the VAE decode is not timed). With `--scedit` also
+`ldm_sce.sample` with all 12 SC-Tuners and a CSC-Tuner controller (hints computed inside the timed call) vs
+diffusers' StableDiffusionControlNetPipeline with a ControlNet built from the same UNet.
+
+    python tools/bench.py step --preset sd-v1 --steps 3 --runs 2 --scedit
 """
 
 from __future__ import annotations
@@ -105,6 +109,7 @@ def bench_unet(args) -> dict:
         "seconds_median": med,
         "seconds_all": times,
         "ratio_ldm_sce_over_diffusers": med["ldm_sce"] / med["diffusers"],
+        "overhead_vs_own_base": {name: med[name] / med[name.split("+")[0]] - 1 for name in med},
         "max_abs_diff": diff,
     }
 
@@ -136,7 +141,10 @@ def bench_infer(args) -> dict:
             down, mid = dctrl(x, t, ctx, controlnet_cond=dcond, return_dict=False)
             return dunet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
-        runners = {"diffusers": lambda: diffusers_forward(False), "diffusers+controlnet": lambda: diffusers_forward(True)}
+        runners = {
+            "diffusers": lambda: diffusers_forward(False),
+            "diffusers+controlnet": lambda: diffusers_forward(True),
+        }
     tuners = unet.attach_sc_tuners()
     for p in unet.tuners.parameters():
         p.data.normal_(0, 0.02)
@@ -270,6 +278,7 @@ def _timed_training(args, dev, params, forward, ctx_dim) -> dict:
         loaded = torch.cuda.memory_allocated() / 2**20
     else:
         loaded = _rss_mb()
+
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -422,6 +431,12 @@ def bench_step(args) -> dict:
     }
     with torch.inference_mode():
         diff = (runners["ldm_sce"]() - runners["diffusers"]()).abs().max().item()  # warm-up and sanity
+    if args.scedit:
+        runners |= scedit_step_runners(args, model, pipe, c, uc, x_t)
+        with torch.inference_mode():
+            for name in runners.keys() - {"ldm_sce", "diffusers"}:
+                runners[name]()  # warm-up
+    with torch.inference_mode():
         times = alternate(runners, args.runs, per=args.steps)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     return {
@@ -434,8 +449,46 @@ def bench_step(args) -> dict:
         "seconds_per_step_median": med,
         "seconds_per_step_all": times,
         "ratio_ldm_sce_over_diffusers": med["ldm_sce"] / med["diffusers"],
+        "overhead_vs_own_base": {name: med[name] / med[name.split("+")[0]] - 1 for name in med},
         "max_abs_diff": diff,
     }
+
+
+def scedit_step_runners(args, model, pipe, c, uc, x_t) -> dict:
+    """Sampling with all 12 SC-Tuners and a CSC-Tuner controller (kernel 1; its hints computed inside the
+    timed call, once per image), and diffusers' ControlNet pipeline on the same UNet, both with random
+    non-zero weights and a random condition image."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from ldm_sce.sampling import sample
+    from ldm_sce.tuners import Control, CSCTuner, SkipIdentity
+
+    unet = model.model.diffusion_model
+    ctrl = unet.attach_controller(CSCTuner(unet.cfg, kernel=1))
+    unet.attach_sc_tuners()
+    tuned, plain = unet.tuners, torch.nn.ModuleList(SkipIdentity() for _ in unet.tuners)
+    for p in [*tuned.parameters(), *ctrl.parameters()]:
+        p.data.normal_(0, 0.02)  # non-zero: nothing may be skipped
+    model.requires_grad_(False)
+    side = args.latent * 8
+    cond = torch.rand(1, 3, side, side)
+
+    def ours(scedit: bool) -> torch.Tensor:
+        unet.tuners = tuned if scedit else plain
+        unet.controllers = torch.nn.ModuleList([ctrl] if scedit else [])
+        control = Control([ctrl.hints(cond)], [1.0]) if scedit else None
+        return sample(model, c, uc, x_T=x_t, steps=args.steps, seed=0, control=control)
+
+    cnet = ControlNetModel.from_unet(pipe.unet).eval().requires_grad_(False)
+    cpipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=cnet)
+    cpipe.set_progress_bar_config(disable=True)
+
+    def theirs() -> torch.Tensor:
+        return cpipe(prompt_embeds=c, negative_prompt_embeds=uc, latents=x_t.clone(), image=cond,
+                     num_inference_steps=args.steps, guidance_scale=7.5, output_type="latent",
+                     height=side, width=side).images  # fmt: skip
+
+    return {"ldm_sce": lambda: ours(False), "ldm_sce+sc+csc1": lambda: ours(True), "diffusers+controlnet": theirs}
 
 
 def main() -> None:
@@ -444,7 +497,7 @@ def main() -> None:
 
     def add(name: str, help: str, runs: int, batch: int | None = 2, res: str = "latent", count: str = "--runs"):
         p = sub.add_parser(name, help=help)
-        p.add_argument("--preset", default="sd-v1", choices=sorted(PRESETS))
+        p.add_argument("--preset", "--base", dest="preset", default="sd-v1", choices=sorted(PRESETS))
         if batch is not None:
             p.add_argument("--batch", type=int, default=batch)
         if res == "latent":
@@ -460,6 +513,9 @@ def main() -> None:
     sub.choices["infer"].add_argument("--peers", action="store_true", help="also diffusers' UNet and UNet + ControlNet")
     add("step", "seconds per DDIM+CFG sampling step: ldm_sce.sample vs diffusers' pipeline", runs=2, batch=None)
     sub.choices["step"].add_argument("--steps", type=int, default=3)
+    sub.choices["step"].add_argument(
+        "--scedit", action="store_true", help="also with SC-Tuners + a CSC-Tuner, and diffusers with a ControlNet"
+    )
     for name in ("train", "train-one"):
         p = add(
             name, "training step memory and time per method (timed steps after one warm-up)", 2, 1, "res", "--steps"
@@ -492,16 +548,20 @@ def main() -> None:
     med = result.get("seconds_median") or result["seconds_per_step_median"]
     print(f"{result['bench']} {args.preset} {args.latent}x{args.latent} latent, fp32 on {result['machine']}")
     for name, s in med.items():
-        print(f"  {name:10s} {s:8.3f} s  (median of {args.runs})")
+        print(f"  {name:20s} {s:8.3f} s  (median of {args.runs})")
     if "overhead_vs_base" in result:
         for name, o in result["overhead_vs_base"].items():
             iso = result["isolated_overhead_vs_base"].get(name)
             edits = f"   isolated skip edits {100 * iso:+.2f}% of the base forward" if iso is not None else ""
-            print(f"  {name:10s} end-to-end {100 * o:+.1f}%{edits}")
+            print(f"  {name:20s} end-to-end {100 * o:+.1f}%{edits}")
         print(f"  hints, once per image: {result['hint_seconds_once_per_image']}")
     else:
         ratio, diff = result["ratio_ldm_sce_over_diffusers"], result["max_abs_diff"]
         print(f"  ratio ldm_sce / diffusers = {ratio:.3f}   max|diff| = {diff:.2e}")
+        if args.scedit:
+            print(
+                "  vs own base: " + ", ".join(f"{k} {100 * v:+.1f}%" for k, v in result["overhead_vs_own_base"].items())
+            )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
