@@ -21,6 +21,10 @@ method and run under no_grad, so the step takes precomputed latents and text fea
 
     python tools/bench.py train --preset sd-v1 --res 256 --batch 1 --methods sc,lora,full,csc1,csc3
 
+Methods: sc (SC-Tuners on all skips), sc_hires (on the full-resolution decoder skips only), csc1 / csc3
+(a CSC-Tuner, dense kernel 1 / 3), lora (rank 64, this project), lora_peft (peft on diffusers' UNet), full,
+controlnet (diffusers' ControlNetModel).
+
 `step`: seconds per DDIM sampling step with classifier-free guidance (B=1 image, so a UNet batch of 2),
 `ldm_sce.sample` vs diffusers' StableDiffusionPipeline denoising loop on the same UNet weights (given
 precomputed text embeddings, output_type="latent": the VAE decode is not timed). With `--scedit` also
@@ -238,6 +242,10 @@ def train_one(args) -> dict:
     ctrl = None
     if args.method == "sc":
         params = [p for t in unet.attach_sc_tuners() for p in t.parameters()]
+    elif args.method == "sc_hires":  # the full-resolution decoder skips only: backward stops after their blocks
+        n = len(unet.output_blocks)
+        tuners = unet.attach_sc_tuners(skips=range(n - cfg.unet.num_res_blocks - 1, n))
+        params = [p for t in tuners for p in t.parameters()]
     elif args.method in ("csc1", "csc3"):
         ctrl = unet.attach_controller(CSCTuner(cfg.unet, kernel=int(args.method[-1])).to(dev))
         params = list(ctrl.parameters())
@@ -379,7 +387,8 @@ def bench_train(args) -> dict:
         print(json.dumps(rows[-1]), flush=True)
     ok = {r["method"]: r for r in rows if "error" not in r}
     ratios = {}
-    for mine, ref in (("sc", "lora"), ("sc", "lora_peft"), ("sc", "full"), ("csc1", "controlnet")):
+    pairs = (("sc", "lora"), ("sc", "lora_peft"), ("sc_hires", "lora_peft"), ("sc", "full"), ("csc1", "controlnet"))
+    for mine, ref in pairs:
         if mine in ok and ref in ok:
             ratios[f"{mine}/{ref} overhead"] = ok[mine]["overhead_mb"] / ok[ref]["overhead_mb"]
             ratios[f"{mine}/{ref} time"] = ok[mine]["step_seconds_median"] / ok[ref]["step_seconds_median"]
@@ -534,9 +543,9 @@ def main() -> None:
         )
         for r in result["rows"]:
             if "error" in r:
-                print(f"  {r['method']:6s} failed: {r['error']}")
+                print(f"  {r['method']:10s} failed: {r['error']}")
             else:
-                print(f"  {r['method']:6s} params {r['trainable_params'] / 1e6:8.2f}M  peak {r['peak_mb']:8.0f} MB  "
+                print(f"  {r['method']:10s} params {r['trainable_params'] / 1e6:8.2f}M  peak {r['peak_mb']:8.0f} MB  "
                       f"overhead {r['overhead_mb']:8.0f} MB  step {r['step_seconds_median']:6.2f} s  "
                       f"(its forward {r['step_forward_seconds_median']:6.2f} s; no-grad forward "
                       f"{r['forward_seconds_median']:6.2f} s)")  # fmt: skip
