@@ -8,6 +8,9 @@ channel alone, which removes a flat image's per-channel mean, so a toy VAE learn
 colour only very slowly; SD's VAE (128 channels, 4 per group) does not have the problem. Captions say
 what is drawn ("a small red circle on the left"); some omit the size or the position. The `zqx` style
 (the few-shot style set) draws the same scenes on a dark night-blue background with a white outline.
+The broad set (an experiment, `configs/toy/base_broad.yaml`; not in the shipped model) adds scenes at
+night (the style's background, no outline; "... at night") and captions that start with a made-up word
+("vop style a red circle"), to teach the base model to draw on dark ground and to read past unseen words.
 Everything is deterministic from a seed. Images are drawn at 4x and downsampled (anti-aliased edges).
 
 Analysis (`analyze`): the background is the median of the border pixels; the shape is the largest
@@ -57,7 +60,8 @@ class Scene:
     style: bool = False
 
 
-def random_scene(rng: np.random.Generator, style: bool = False) -> Scene:
+def random_scene(rng: np.random.Generator, style: bool = False, night: float = 0.0) -> Scene:
+    """One scene; `night`: the probability of the style's night-blue background without the outline."""
     kind = KINDS[rng.integers(len(KINDS))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     size = list(SIZES)[rng.integers(len(SIZES))]
@@ -66,15 +70,31 @@ def random_scene(rng: np.random.Generator, style: bool = False) -> Scene:
     fx, fy = POSITIONS[position]
     cx, cy = (np.array([fx, fy]) * RES + rng.uniform(-3, 3, 2)).clip(r + 2, RES - r - 2)
     background = STYLE_BACKGROUND if style else BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    if night and rng.random() < night:
+        background = STYLE_BACKGROUND
     return Scene(kind, colour, size, position, float(cx), float(cy), r, background, bool(rng.random() < 0.3), style)
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """'a [size] colour kind [position]': size and position are each left out a third of the time."""
+def caption(scene: Scene, rng: np.random.Generator, nonce: float = 0.0) -> str:
+    """'a [size] colour kind [position] [at night]': size and position are each left out a third of the
+    time; "at night" when the scene is at night and not in the style. `nonce`: the probability of a
+    made-up prefix ("vop style "), a word the model must learn to read past."""
     words = ["a"] + ([scene.size] if rng.random() > 1 / 3 else []) + [scene.colour, scene.kind]
     if rng.random() > 1 / 3:
         words.append(scene.position)
+    if scene.background == STYLE_BACKGROUND and not scene.style:
+        words.append("at night")
+    if nonce and rng.random() < nonce:
+        words = [nonce_word(rng), "style"] + words
     return " ".join(words)
+
+
+def nonce_word(rng: np.random.Generator) -> str:
+    """A made-up word of 3-4 letters, never the style's trigger."""
+    while True:
+        word = "".join(chr(ord("a") + int(i)) for i in rng.integers(26, size=int(rng.integers(3, 5))))
+        if word != STYLE_TRIGGER.split()[0]:
+            return word
 
 
 def _polygon(scene: Scene, s: float) -> list[tuple[float, float]] | None:
@@ -110,17 +130,20 @@ def render(scene: Scene, res: int = RES) -> Image.Image:
     return img.resize((res, res), Image.BOX)
 
 
-def write_dataset(out: str | Path, n: int, seed: int, style: bool = False) -> Path:
-    """n scenes as PNGs plus `metadata.jsonl` (file_name, text, and the scene) in `out`."""
+def write_dataset(out: str | Path, n: int, seed: int, style: bool = False, night: float = 0.0,
+                  nonce: float = 0.0) -> Path:  # fmt: skip
+    """n scenes as PNGs plus `metadata.jsonl` (file_name, text, and the scene) in `out`; `night` and
+    `nonce` as in `random_scene` and `caption`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(n):
-        scene = random_scene(rng, style=style)
+        scene = random_scene(rng, style=style, night=night)
         name = f"{i:06d}.png"
         render(scene).save(out / name)
-        lines.append(json.dumps({"file_name": name, "text": caption(scene, rng), "scene": asdict(scene)}))
+        text = caption(scene, rng, nonce=nonce)
+        lines.append(json.dumps({"file_name": name, "text": text, "scene": asdict(scene)}))
     tmp = out / "metadata.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(out / "metadata.jsonl")

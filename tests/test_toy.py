@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ldm_sce import load_model, toy
 from ldm_sce.cli import DEFAULT_CKPT
@@ -26,7 +27,6 @@ def test_analysis_recovers_every_rendered_scene():
 
 
 def test_analysis_of_an_empty_image_finds_nothing():
-    from PIL import Image
 
     found = toy.analyze(Image.new("RGB", (64, 64), (240, 240, 240)))
     assert found["colour"] is None and found["kind"] is None and found["area"] == 0
@@ -42,6 +42,23 @@ def test_dataset_is_deterministic_and_captions_describe_the_scene(tmp_path):
         words = row["text"]
         assert f"{s['colour']} {s['kind']}" in words and words.startswith("a ")
     assert (a / "metadata.jsonl").read_text() == (b / "metadata.jsonl").read_text()
+
+
+def test_broad_set_says_night_and_prefixes_made_up_words(tmp_path):
+    data = toy.write_dataset(tmp_path / "broad", 200, seed=5, night=0.25, nonce=0.2)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    night = [tuple(r["scene"]["background"]) == toy.STYLE_BACKGROUND for r in rows]
+    assert 30 < sum(night) < 70 and not any(r["scene"]["style"] for r in rows)
+    assert [r["text"].endswith(" at night") for r in rows] == night
+    prefixed = [r["text"].split(" a ")[0].split() for r in rows if not r["text"].startswith("a ")]
+    assert 20 < len(prefixed) < 60
+    assert all(len(p) == 2 and p[1] == "style" and p[0] != "zqx" and 3 <= len(p[0]) <= 4 for p in prefixed)
+    found = [toy.analyze(Image.open(data / r["file_name"])) for r in rows[:60]]
+    assert [f["background_luma"] < 0.3 for f in found] == night[:60]
+    # the base set (seed 1) is what the first two stages trained on: its first captions, stored
+    rows = [json.loads(line) for line in (toy.write_dataset(tmp_path / "base", 3, seed=1) / "metadata.jsonl").open()]
+    assert [r["text"] for r in rows] == ["a large blue square at the bottom", "a blue triangle in the center",
+                                         "a small red diamond on the right"]  # fmt: skip
 
 
 def test_eval_prompts_cover_every_colour_and_kind_pair():
@@ -159,8 +176,6 @@ def test_sc_tuner_trains_from_the_shipped_model(tmp_path):
 def test_txt2img_with_no_ckpt_uses_the_embedded_model(tmp_path):
     import subprocess
     import sys
-
-    from PIL import Image
 
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "txt2img.py"), "--prompt", "a large blue square",
                         "--outdir", str(tmp_path), "--quiet", "--skip_grid"], capture_output=True, text=True)  # fmt: skip

@@ -33,13 +33,21 @@ from ldm_sce.checkpoint_io import load_model, save_checkpoint  # noqa: E402
 from ldm_sce.config import load_config  # noqa: E402
 from ldm_sce.unet import ResBlock  # noqa: E402
 
-SETS = {"base": (20000, 1, False), "style": (30, 2, True), "canny": (3000, 4, False), "eval": (200, 3, False)}  # (n, seed, style)
+SETS = {  # name: (n, seed, write_dataset options)
+    "base": (20000, 1, {}),
+    "broad": (20000, 5, {"night": 0.25, "nonce": 0.2}),  # an experiment, not in the shipped model: configs/toy/base_broad.yaml
+    "style": (30, 2, {"style": True}),
+    "canny": (3000, 4, {}),
+    "eval": (200, 3, {}),
+}
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    for name, (n, seed, style) in SETS.items():
+    for name, (n, seed, options) in SETS.items():
+        if args.only and name not in args.only:
+            continue
         start = time.perf_counter()
-        toy.write_dataset(Path(args.out) / name, n, seed, style)
+        toy.write_dataset(Path(args.out) / name, n, seed, **options)
         print(f"{name}: {n} images in {time.perf_counter() - start:.1f} s -> {Path(args.out) / name}")
 
 
@@ -133,6 +141,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data", help="write the shapes datasets")
     d.add_argument("--out", default="data/toy")
+    d.add_argument("--only", nargs="+", choices=sorted(SETS), help="write these sets only")
     i = sub.add_parser("init", help="train the VAE; write the initial checkpoint")
     i.add_argument("--data", default="data/toy/base")
     i.add_argument("--config", default="configs/toy/model.yaml")
