@@ -27,7 +27,6 @@ def test_analysis_recovers_every_rendered_scene():
 
 
 def test_analysis_of_an_empty_image_finds_nothing():
-
     found = toy.analyze(Image.new("RGB", (64, 64), (240, 240, 240)))
     assert found["colour"] is None and found["kind"] is None and found["area"] == 0
 
@@ -59,6 +58,16 @@ def test_broad_set_says_night_and_prefixes_made_up_words(tmp_path):
     rows = [json.loads(line) for line in (toy.write_dataset(tmp_path / "base", 3, seed=1) / "metadata.jsonl").open()]
     assert [r["text"] for r in rows] == ["a large blue square at the bottom", "a blue triangle in the center",
                                          "a small red diamond on the right"]  # fmt: skip
+
+
+def test_toy_training_configs_validate():
+    from ldm_sce.training import load_train_config
+
+    cfgs = {
+        p.stem: load_train_config(p) for p in sorted((ROOT / "configs" / "toy").glob("*.yaml")) if p.stem != "model"
+    }
+    assert {c.method.name for c in cfgs.values()} == {"full", "sc", "lora", "csc"}
+    assert cfgs["base_broad"].data.path == "data/toy/broad" and cfgs["canny_csc"].data.caption_dropout == 0.5
 
 
 def test_eval_prompts_cover_every_colour_and_kind_pair():
