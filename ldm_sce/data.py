@@ -84,10 +84,11 @@ class TrainDataset(torch.utils.data.Dataset):
         condition_dir: str | None = None,
         random_thresholds: bool = False,
         cond_resolution: int | None = None,
+        suffix: str = "",
     ):
         self.items, self.resolution, self.seed = items, resolution, seed
         self.cond_resolution = cond_resolution or resolution  # 8x the latent size (= resolution for SD)
-        self.trigger, self.caption_dropout = trigger, caption_dropout
+        self.trigger, self.suffix, self.caption_dropout = trigger, suffix, caption_dropout  # prefix, suffix
         self.condition, self.condition_dir, self.random_thresholds = condition, condition_dir, random_thresholds
         self.epoch = 0
         self.bad: set[Path] = set()
@@ -106,7 +107,7 @@ class TrainDataset(torch.utils.data.Dataset):
                 log.warning("skipping unreadable image %s (%s)", item.image, e)
             self.bad.add(item.image)
             return None
-        caption = "" if rng.random() < self.caption_dropout else self.trigger + item.caption
+        caption = "" if rng.random() < self.caption_dropout else self.trigger + item.caption + self.suffix
         arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         out = {"image": torch.from_numpy(arr).permute(2, 0, 1), "caption": caption}
         if self.condition:

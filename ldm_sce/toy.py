@@ -13,8 +13,8 @@ night (the style's background, no outline; "... at night") and captions that sta
 ("vop style a red circle"), to teach the base model to draw on dark ground and to read past unseen words.
 Everything is deterministic from a seed. Images are drawn at 4x and downsampled (anti-aliased edges).
 
-Analysis (`analyze`): the background is the median of the border pixels; the shape is the largest
-connected region of pixels far from it. Its colour is the nearest palette colour to the median of the
+Analysis (`analyze`): the background is the border's frequent colours (a plain ground, or both colours
+of a bold pattern); the shape is the largest connected region of pixels far from all of them. Its colour is the nearest palette colour to the median of the
 region's interior; its kind follows from how much of its bounding box it fills (square ~1, circle ~0.79,
 triangle and diamond ~0.5) and, between the last two, where its widest row lies (bottom: triangle).
 """
@@ -22,7 +22,7 @@ triangle and diamond ~0.5) and, between the last two, where its widest row lies 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ POSITIONS = {"in the center": (0.5, 0.5), "on the left": (0.28, 0.5), "on the ri
 BACKGROUNDS = [(245, 245, 245)]  # one light background (plain or striped), see the module docstring
 STYLE_BACKGROUND = (22, 26, 58)  # the `zqx` style: night blue, white outline
 STYLE_TRIGGER = "zqx style "
+INK_LOOK = {"texture": "backslash", "contrast": 0.2, "period": 12, "outline": (20, 20, 20)}  # candidate style
 RES = 64
 _SS = 4  # supersampling factor
 
@@ -58,10 +59,15 @@ class Scene:
     background: tuple[int, int, int]
     stripes: bool
     style: bool = False
+    texture: str = ""  # a bold background pattern: "stripes", "backslash", "dots" or "grid" (varied looks)
+    contrast: float = 0.0  # how far the pattern moves from the background colour, 0..1
+    period: int = 8  # of the pattern, pixels at RES
+    outline: tuple[int, int, int] | None = None  # an outline of the shape in this colour (varied looks)
 
 
-def random_scene(rng: np.random.Generator, style: bool = False, night: float = 0.0) -> Scene:
-    """One scene; `night`: the probability of the style's night-blue background without the outline."""
+def random_scene(rng: np.random.Generator, style: bool = False, night: float = 0.0, varied: float = 0.0) -> Scene:
+    """One scene; `night`: the probability of the style's night-blue background without the outline;
+    `varied`: the probability of a random look (background, bold pattern, outline), for the VAE."""
     kind = KINDS[rng.integers(len(KINDS))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     size = list(SIZES)[rng.integers(len(SIZES))]
@@ -72,20 +78,36 @@ def random_scene(rng: np.random.Generator, style: bool = False, night: float = 0
     background = STYLE_BACKGROUND if style else BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     if night and rng.random() < night:
         background = STYLE_BACKGROUND
-    return Scene(kind, colour, size, position, float(cx), float(cy), r, background, bool(rng.random() < 0.3), style)
+    scene = Scene(kind, colour, size, position, float(cx), float(cy), r, background, bool(rng.random() < 0.3), style)
+    if varied and rng.random() < varied:
+        scene = replace(scene, **random_look(rng))
+    return scene
 
 
-def caption(scene: Scene, rng: np.random.Generator, nonce: float = 0.0) -> str:
+def random_look(rng: np.random.Generator) -> dict:
+    """A random look for the general-codec set: light or night background, a bold pattern of random
+    contrast and period (or none), an outline of random grey (or none)."""
+    textures = ("", "stripes", "backslash", "dots", "grid")
+    outline = None
+    if rng.random() < 0.6:
+        outline = tuple(int(v) for v in [rng.choice([0, 30, 128, 220, 255])] * 3)
+    return {"background": BACKGROUNDS[0] if rng.random() < 0.7 else STYLE_BACKGROUND, "stripes": False,
+            "texture": textures[rng.integers(len(textures))], "contrast": float(rng.uniform(0.1, 0.4)),
+            "period": int(rng.choice([6, 8, 12, 16])), "outline": outline}  # fmt: skip
+
+
+def caption(scene: Scene, rng: np.random.Generator, nonce: float = 0.0, nonce_at: str = "start") -> str:
     """'a [size] colour kind [position] [at night]': size and position are each left out a third of the
     time; "at night" when the scene is at night and not in the style. `nonce`: the probability of a
-    made-up prefix ("vop style "), a word the model must learn to read past."""
+    made-up "<word> style" (at the start or the end: `nonce_at`), a word the model must learn to read past."""
     words = ["a"] + ([scene.size] if rng.random() > 1 / 3 else []) + [scene.colour, scene.kind]
     if rng.random() > 1 / 3:
         words.append(scene.position)
     if scene.background == STYLE_BACKGROUND and not scene.style:
         words.append("at night")
     if nonce and rng.random() < nonce:
-        words = [nonce_word(rng), "style"] + words
+        tag = [nonce_word(rng), "style"]
+        words = tag + words if nonce_at == "start" else words + tag
     return " ".join(words)
 
 
@@ -119,8 +141,12 @@ def render(scene: Scene, res: int = RES) -> Image.Image:
         step = int(8 * s)
         for k in range(-size, size, step):
             draw.line([(k, 0), (k + size, size)], fill=shade, width=max(1, step // 3))
+    if scene.texture:
+        _pattern(draw, scene, s, size)
     fill = COLOURS[scene.colour]
     outline, width = ((255, 255, 255), int(round(1.5 * s))) if scene.style else (None, 0)
+    if scene.outline is not None:
+        outline, width = tuple(scene.outline), int(round(1.5 * s))
     poly = _polygon(scene, s)
     if poly is None:
         cx, cy, r = scene.cx * s, scene.cy * s, scene.r * s
@@ -130,19 +156,42 @@ def render(scene: Scene, res: int = RES) -> Image.Image:
     return img.resize((res, res), Image.BOX)
 
 
+def _pattern(draw: ImageDraw.ImageDraw, scene: Scene, s: float, size: int) -> None:
+    """A bold background pattern: towards black on a light background, towards white on a dark one."""
+    bg = np.array(scene.background, dtype=np.float64)
+    ink = 0.0 if bg.mean() > 127 else 255.0
+    c = tuple(int(round(v)) for v in bg + scene.contrast * (ink - bg))
+    step = max(2, int(scene.period * s))
+    if scene.texture in ("stripes", "backslash"):
+        sign = 1 if scene.texture == "stripes" else -1
+        for k in range(-size, 2 * size, step):
+            draw.line([(k, 0), (k + sign * size, size)], fill=c, width=max(1, step // 2))
+    elif scene.texture == "dots":
+        rad = step / 4
+        for x in np.arange(step / 2, size, step):
+            for y in np.arange(step / 2, size, step):
+                draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=c)
+    elif scene.texture == "grid":
+        for k in range(0, size, step):
+            draw.line([(k, 0), (k, size)], fill=c, width=max(1, step // 4))
+            draw.line([(0, k), (size, k)], fill=c, width=max(1, step // 4))
+
+
 def write_dataset(out: str | Path, n: int, seed: int, style: bool = False, night: float = 0.0,
-                  nonce: float = 0.0) -> Path:  # fmt: skip
-    """n scenes as PNGs plus `metadata.jsonl` (file_name, text, and the scene) in `out`; `night` and
-    `nonce` as in `random_scene` and `caption`."""
+                  nonce: float = 0.0, nonce_at: str = "start", look: dict | None = None) -> Path:  # fmt: skip
+    """n scenes as PNGs plus `metadata.jsonl` (file_name, text, and the scene) in `out`; `night`, `nonce`
+    and `nonce_at` as in `random_scene` and `caption`; `look`: Scene fields every scene gets (a style)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(n):
         scene = random_scene(rng, style=style, night=night)
+        if look:
+            scene = replace(scene, **look)
         name = f"{i:06d}.png"
         render(scene).save(out / name)
-        text = caption(scene, rng, nonce=nonce)
+        text = caption(scene, rng, nonce=nonce, nonce_at=nonce_at)
         lines.append(json.dumps({"file_name": name, "text": text, "scene": asdict(scene)}))
     tmp = out / "metadata.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n")
@@ -177,17 +226,31 @@ def luma(rgb) -> float:
     return float(np.mean(0.299 * r + 0.587 * g + 0.114 * b))
 
 
+def _border(a: np.ndarray) -> np.ndarray:
+    return np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3),
+                           a[:, -2:].reshape(-1, 3)])  # fmt: skip
+
+
+def _far_from_background(a: np.ndarray, threshold: float) -> np.ndarray:
+    """Pixels farther than `threshold` from the border's median colour and from every colour (binned by
+    16 levels) of at least a tenth of the border pixels: a plain ground, or both colours of a bold pattern."""
+    border = _border(a)
+    _, inverse, counts = np.unique(np.round(border / 16), axis=0, return_inverse=True, return_counts=True)
+    colours = [np.median(border, axis=0)]
+    colours += [border[inverse.ravel() == k].mean(axis=0) for k in np.flatnonzero(counts >= 0.1 * len(border))]
+    dist = np.min([np.linalg.norm(a - c, axis=-1) for c in colours], axis=0)
+    return (dist > threshold).astype(np.uint8)
+
+
 def analyze(img: Image.Image | np.ndarray, threshold: float = 70.0) -> dict:
     """{'colour', 'kind', 'background_luma', 'fill', 'area'} of the main shape; colour and kind are None
     when no shape is found."""
     import cv2
 
     a = np.asarray(img, dtype=np.float32)[..., :3]
-    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3),
-                             a[:, -2:].reshape(-1, 3)])  # fmt: skip
-    bg = np.median(border, axis=0)
+    bg = np.median(_border(a), axis=0)
     out = {"colour": None, "kind": None, "background_luma": luma(bg), "fill": 0.0, "area": 0}
-    far = (np.linalg.norm(a - bg, axis=-1) > threshold).astype(np.uint8)
+    far = _far_from_background(a, threshold)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(far, connectivity=8)
     if n < 2:
         return out
@@ -276,10 +339,37 @@ def prompt_scores(images: list[Image.Image], expected: list[tuple[str, str]]) ->
             "background_luma": float(np.mean([f["background_luma"] for f in found]))}  # fmt: skip
 
 
+def pattern(img: Image.Image | np.ndarray) -> tuple[float, float]:
+    """(strength, slant) of the background pattern: the luma std of the pixels more than 3 pixels from
+    the main shape, and log(d1 / d2) of the mean absolute luma differences across and along "\\" lines
+    (positive for backslash stripes, negative for the base world's "/" stripes, 0 for none or dots)."""
+    import cv2
+
+    a = np.asarray(img, dtype=np.float64)[..., :3] / 255.0
+    lum = a @ np.array([0.299, 0.587, 0.114])
+    shape = _far_from_background(a * 255, 70.0)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(shape, connectivity=8)
+    keep = np.ones_like(lum, dtype=bool)
+    if n > 1:
+        k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        keep = ~cv2.dilate((labels == k).astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    if keep.sum() < 50:
+        return 0.0, 0.0
+    across = np.abs(lum[1:, 1:] - lum[:-1, :-1])[keep[1:, 1:] & keep[:-1, :-1]].mean()  # step (1, 1)
+    along = np.abs(lum[1:, :-1] - lum[:-1, 1:])[keep[1:, :-1] & keep[:-1, 1:]].mean()  # step (-1, 1)
+    return float(lum[keep].std()), float(np.log((across + 1e-3) / (along + 1e-3)))
+
+
 def style_adherence(images: list[Image.Image], dark: float = 0.3) -> float:
     """Fraction of images on the `zqx` style's dark background (border luma below `dark`; the base world's
     backgrounds are above 0.8, the style's is 0.11)."""
     return float(np.mean([analyze(im)["background_luma"] < dark for im in images]))
+
+
+def ink_adherence(images: list[Image.Image], strength: float = 0.045, slant: float = 0.5) -> float:
+    """Fraction of images with the ink style's bold backslash pattern (`pattern`: strength above 0.045,
+    slant above 0.5; the base world's faint "/" stripes have strength at most 0.026, the style 0.07-0.08)."""
+    return float(np.mean([st > strength and sl > slant for st, sl in (pattern(im) for im in images)]))
 
 
 __all__ = ["COLOURS", "KINDS", "STYLE_TRIGGER", "Scene", "analyze", "caption", "edge_f1", "edges", "eval_prompts",

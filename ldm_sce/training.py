@@ -70,6 +70,7 @@ class DataSection:
     path: str = ""
     resolution: int = 512
     trigger: str = ""  # prefix of every caption, e.g. "<sce> "
+    suffix: str = ""  # appended to every caption, e.g. " zqx style" (kohya's caption_suffix)
     caption_dropout: float = 0.0
     condition_dir: str | None = None
     cache: bool = False  # keep VAE posteriors and text features in memory (small datasets)
@@ -229,7 +230,7 @@ class Trainer:
         f = 2 ** (len(self.model.cfg.vae.ch_mult) - 1)
         self.data = TrainDataset(scan(d.path), d.resolution, cfg.seed, d.trigger, d.caption_dropout,
                                  m.condition if m.name == "csc" else None, d.condition_dir, m.random_thresholds,
-                                 cond_resolution=d.resolution // f * 8)  # fmt: skip
+                                 cond_resolution=d.resolution // f * 8, suffix=d.suffix)  # fmt: skip
         self.step = 0
         if resume:
             self._load(self._resolve_resume(resume))
@@ -376,7 +377,7 @@ class Trainer:
         """The final tuner in the project's tuner format (or the full model for `full`)."""
         summary = {"method": self.cfg.method.name, "steps": self.step, "lr": self.cfg.optim.lr,
                    "batch_size": self.cfg.optim.batch_size, "data": self.cfg.data.path,
-                   "trigger": self.cfg.data.trigger, "base_ckpt": self.cfg.model.ckpt}  # fmt: skip
+                   "trigger": self.cfg.data.trigger, "suffix": self.cfg.data.suffix, "base_ckpt": self.cfg.model.ckpt}  # fmt: skip
         name = self.cfg.method.name
         if name == "sc":
             path = self.out / "sc_tuner.safetensors"

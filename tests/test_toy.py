@@ -1,6 +1,7 @@
 """The toy shapes world and its image analysis (ldm_sce/toy.py), and the shipped toy model and tuners."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -60,14 +61,49 @@ def test_broad_set_says_night_and_prefixes_made_up_words(tmp_path):
                                          "a small red diamond on the right"]  # fmt: skip
 
 
+def test_ink_style_and_varied_looks_are_found_by_the_analysis(tmp_path):
+    rng = np.random.default_rng(7)
+    plain = [toy.random_scene(rng) for _ in range(100)]
+    ink = [replace(toy.random_scene(rng), **toy.INK_LOOK) for _ in range(100)]
+    for scenes, adherence in ((plain, 0.0), (ink, 1.0)):
+        images = [toy.render(s) for s in scenes]
+        assert [(toy.analyze(im)["colour"], toy.analyze(im)["kind"]) for im in images] == [(s.colour, s.kind) for s in scenes]
+        assert toy.ink_adherence(images) == adherence
+    # the base world's faint "/" stripes slant the other way; dots and a plain ground do not slant
+    striped = [toy.pattern(toy.render(s)) for s in plain if s.stripes]
+    assert striped and all(st < 0.03 and sl < -1 for st, sl in striped)
+    dots = toy.pattern(toy.render(replace(plain[0], texture="dots", contrast=0.3, stripes=False)))
+    assert dots[0] > 0.045 and abs(dots[1]) < 0.5
+    # the general-codec set: every look is drawn, and the shape is still found on most of them
+    varied = [toy.random_scene(rng, varied=1.0) for _ in range(200)]
+    assert {s.texture for s in varied} == {"", "stripes", "backslash", "dots", "grid"}
+    assert {tuple(s.background) for s in varied} == {toy.BACKGROUNDS[0], toy.STYLE_BACKGROUND}
+    found = [toy.analyze(toy.render(s)) for s in varied]
+    assert np.mean([(f["colour"], f["kind"]) == (s.colour, s.kind) for f, s in zip(found, varied, strict=True)]) > 0.9
+    # a style set: every scene gets the look, captions as the base world's
+    data = toy.write_dataset(tmp_path / "ink", 6, seed=2, look=toy.INK_LOOK)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    assert all(r["scene"]["texture"] == "backslash" and r["scene"]["outline"] == [20, 20, 20] for r in rows)
+    assert toy.ink_adherence([Image.open(data / r["file_name"]) for r in rows]) == 1.0
+
+
+def test_made_up_words_can_go_at_the_end(tmp_path):
+    data = toy.write_dataset(tmp_path / "tagged", 200, seed=1, nonce=0.2, nonce_at="end")
+    texts = [json.loads(line)["text"] for line in (data / "metadata.jsonl").read_text().splitlines()]
+    tagged = [t for t in texts if t.endswith(" style")]
+    assert 20 < len(tagged) < 60 and all(t.startswith("a ") for t in texts)
+    assert all(t.split()[-2] != "zqx" and 3 <= len(t.split()[-2]) <= 4 for t in tagged)
+
+
 def test_toy_training_configs_validate():
     from ldm_sce.training import load_train_config
 
-    cfgs = {
-        p.stem: load_train_config(p) for p in sorted((ROOT / "configs" / "toy").glob("*.yaml")) if p.stem != "model"
-    }
+    folder = ROOT / "configs" / "toy"
+    cfgs = {str(p.relative_to(folder).with_suffix("")): load_train_config(p)
+            for p in sorted(folder.rglob("*.yaml")) if p.stem != "model"}  # fmt: skip
     assert {c.method.name for c in cfgs.values()} == {"full", "sc", "lora", "csc"}
     assert cfgs["base_broad"].data.path == "data/toy/broad" and cfgs["canny_csc"].data.caption_dropout == 0.5
+    assert cfgs["v2/style_sc"].data.suffix == " zqx style" and cfgs["v2/base"].data.path == "data/toy/base_tagged"
 
 
 def test_eval_prompts_cover_every_colour_and_kind_pair():

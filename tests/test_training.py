@@ -175,6 +175,10 @@ def test_dataset_layouts(tmp_path):
     (tmp_path / "metadata.jsonl").unlink()
     (tmp_path / "a.txt").write_text("a bird\n")
     assert [(i.image.name, i.caption) for i in scan(tmp_path)] == [("a.png", "a bird")]
+    from ldm_sce.data import TrainDataset
+
+    data = TrainDataset(scan(tmp_path), 8, trigger="sks ", suffix=", zqx style")
+    assert data[0]["caption"] == "sks a bird, zqx style"  # kohya's caption prefix / suffix
 
 
 def test_shipped_training_configs_validate(tiny_ckpts, dataset, tmp_path):

@@ -47,6 +47,8 @@ def main() -> None:
     p.add_argument("--style-tuner", default="weights/toy-style-sc.safetensors")
     p.add_argument("--canny", default="weights/toy-canny-csc.safetensors")
     p.add_argument("--lora", help="a LoRA style tuner trained with the same budget (tools/train.py method lora)")
+    p.add_argument("--style", choices=["night", "ink"], default="night",
+                   help="night: trigger 'zqx style ' first, dark background; ink: ' zqx style' last, bold \\ stripes")
     p.add_argument("--json", default="outputs/toy/eval.json")
     p.add_argument("--samples", help="save a grid of each row's images here")
     args = p.parse_args()
@@ -56,7 +58,8 @@ def main() -> None:
     prompts = toy.eval_prompts()
     texts, expected = [p for p, _, _ in prompts], [(c, k) for _, c, k in prompts]
     seeds = list(range(len(prompts)))
-    styled = [toy.STYLE_TRIGGER + t for t in texts]
+    styled = [toy.STYLE_TRIGGER + t for t in texts] if args.style == "night" else [t + " zqx style" for t in texts]
+    adherence = toy.style_adherence if args.style == "night" else toy.ink_adherence
     scenes = control_scenes()
     ctrl_texts = [f"a {s.colour} {s.kind}" for s in scenes]
     ctrl_expected = [(s.colour, s.kind) for s in scenes]
@@ -69,7 +72,7 @@ def main() -> None:
         images = toy.generate(model, texts, seeds)
         out.update({f"prompt_{k}": v for k, v in toy.prompt_scores(images, expected).items()})
         styled_images = toy.generate(model, styled, seeds)
-        out["style_adherence"] = toy.style_adherence(styled_images)
+        out["style_adherence"] = adherence(styled_images)
         out["style_prompt_accuracy"] = toy.prompt_scores(styled_images, expected)["accuracy"]
         grids[name] = images[:10] + styled_images[:10]
         if ctrl is not None:  # conditions at 8x the latent size, as the CLI and the trainer make them

@@ -38,6 +38,8 @@ SETS = {  # name: (n, seed, write_dataset options)
     "broad": (20000, 5, {"night": 0.25, "nonce": 0.2}),  # an experiment, not in the shipped model: configs/toy/base_broad.yaml
     "style": (30, 2, {"style": True}),
     "canny": (3000, 4, {}),
+    "base_tagged": (20000, 1, {"nonce": 0.2, "nonce_at": "end"}),  # v2 candidate: "<word> style" at the end
+    "style_ink": (30, 2, {"look": toy.INK_LOOK}),  # v2 candidate style: bold backslash stripes, dark outline
     "eval": (200, 3, {}),
 }
 
@@ -86,11 +88,14 @@ def cmd_init(args: argparse.Namespace) -> None:
     cfg = load_config(args.config)
     model = LatentDiffusion(cfg)
     init_weights(model, args.seed)
-    # The VAE is the general image codec: it learns the base world and the style set's dark backgrounds.
+    # The VAE is the general image codec: it learns the base world and the style set's dark backgrounds,
+    # and with --varied random looks (bold patterns, outlines, night backgrounds) for styles to come.
     rng = np.random.default_rng(args.seed + 100)
-    styled = np.stack([np.asarray(toy.render(toy.random_scene(rng, style=True))) for _ in range(1500)])
-    styled = torch.from_numpy(styled).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    images = torch.cat([_images(Path(args.data), 6000), styled])
+    scenes = [toy.random_scene(rng, style=True) for _ in range(1500)]
+    scenes += [toy.random_scene(rng, varied=1.0) for _ in range(args.varied)]
+    drawn = np.stack([np.asarray(toy.render(s)) for s in scenes])
+    drawn = torch.from_numpy(drawn).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    images = torch.cat([_images(Path(args.data), 6000), drawn])
     vae = model.first_stage_model.train().requires_grad_(True)
     if args.vae_init:  # continue from the VAE of an earlier `init` output
         vae.load_state_dict(load_model(args.vae_init).first_stage_model.state_dict())
@@ -150,6 +155,8 @@ def main() -> None:
     i.add_argument("--batch", type=int, default=8)
     i.add_argument("--lr", type=float, default=1e-3)
     i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--varied", type=int, default=0, help="add this many scenes of random looks (bold patterns, "
+                   "outlines, night backgrounds) to the VAE's training images")
     i.add_argument("--vae-init", help="start the VAE from this checkpoint's VAE (a longer schedule in parts)")
     s = sub.add_parser("ship", help="fp16 copy of a trained checkpoint, config in its metadata")
     s.add_argument("src")
