@@ -6,11 +6,13 @@ left / right / top / bottom / centre on a light background, plain or with faint 
 colour: at toy width (32 channels) every GroupNorm of the SD architecture (32 groups) normalises each
 channel alone, which removes a flat image's per-channel mean, so a toy VAE learns a varying background
 colour only very slowly; SD's VAE (128 channels, 4 per group) does not have the problem. Captions say
-what is drawn ("a small red circle on the left"); some omit the size or the position. The `zqx` style
-(the few-shot style set) draws the same scenes on a dark night-blue background with a white outline.
-The broad set (an experiment, `configs/toy/base_broad.yaml`; not in the shipped model) adds scenes at
-night (the style's background, no outline; "... at night") and captions that start with a made-up word
-("vop style a red circle"), to teach the base model to draw on dark ground and to read past unseen words.
+what is drawn ("a small red circle on the left"); some omit the size or the position, and a fifth end
+with a made-up "<word> style", so that the model learns to read past words it does not know (the text
+encoder is random and frozen; SD's pretrained CLIP tolerates new words, this one must be taught to).
+The `zqx` style (the few-shot style set, trigger " zqx style" at the end of the prompt) draws the same
+scenes with bold "/" stripes and a dark outline, a look the base model never sees. The VAE is the
+general codec: besides the base world it learns random looks (light or night-blue grounds, bold
+patterns, outlines) and the night look of the first style (night blue, white outline; `night_outline`).
 Everything is deterministic from a seed. Images are drawn at 4x and downsampled (anti-aliased edges).
 
 Analysis (`analyze`): the background is the border's frequent colours (a plain ground, or both colours
@@ -40,9 +42,9 @@ SIZES = {"small": (7.0, 10.0), "large": (13.0, 18.0)}  # radius range in pixels 
 POSITIONS = {"in the center": (0.5, 0.5), "on the left": (0.28, 0.5), "on the right": (0.72, 0.5),
              "at the top": (0.5, 0.28), "at the bottom": (0.5, 0.72)}  # fmt: skip
 BACKGROUNDS = [(245, 245, 245)]  # one light background (plain or striped), see the module docstring
-STYLE_BACKGROUND = (22, 26, 58)  # the `zqx` style: night blue, white outline
-STYLE_TRIGGER = "zqx style "
-INK_LOOK = {"texture": "backslash", "contrast": 0.2, "period": 12, "outline": (20, 20, 20)}  # candidate style
+NIGHT = (22, 26, 58)  # night blue: the VAE's dark ground
+STYLE_TRIGGER = " zqx style"  # appended to the prompt
+STYLE_LOOK = {"texture": "slash", "contrast": 0.2, "period": 12, "outline": (20, 20, 20)}  # the `zqx` style
 RES = 64
 _SS = 4  # supersampling factor
 
@@ -58,15 +60,16 @@ class Scene:
     r: float
     background: tuple[int, int, int]
     stripes: bool
-    style: bool = False
-    texture: str = ""  # a bold background pattern: "stripes", "backslash", "dots" or "grid" (varied looks)
+    night_outline: bool = False  # the first style's look: night blue, white outline (VAE set)
+    texture: str = ""  # a bold background pattern: "stripes" (\), "slash" (/), "dots" or "grid"
     contrast: float = 0.0  # how far the pattern moves from the background colour, 0..1
     period: int = 8  # of the pattern, pixels at RES
     outline: tuple[int, int, int] | None = None  # an outline of the shape in this colour (varied looks)
 
 
-def random_scene(rng: np.random.Generator, style: bool = False, night: float = 0.0, varied: float = 0.0) -> Scene:
-    """One scene; `night`: the probability of the style's night-blue background without the outline;
+def random_scene(rng: np.random.Generator, night_outline: bool = False, night: float = 0.0,
+                 varied: float = 0.0) -> Scene:  # fmt: skip
+    """One scene; `night`: the probability of a night-blue background without the outline;
     `varied`: the probability of a random look (background, bold pattern, outline), for the VAE."""
     kind = KINDS[rng.integers(len(KINDS))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
@@ -75,10 +78,10 @@ def random_scene(rng: np.random.Generator, style: bool = False, night: float = 0
     r = float(rng.uniform(*SIZES[size]))
     fx, fy = POSITIONS[position]
     cx, cy = (np.array([fx, fy]) * RES + rng.uniform(-3, 3, 2)).clip(r + 2, RES - r - 2)
-    background = STYLE_BACKGROUND if style else BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    background = NIGHT if night_outline else BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     if night and rng.random() < night:
-        background = STYLE_BACKGROUND
-    scene = Scene(kind, colour, size, position, float(cx), float(cy), r, background, bool(rng.random() < 0.3), style)
+        background = NIGHT
+    scene = Scene(kind, colour, size, position, float(cx), float(cy), r, background, bool(rng.random() < 0.3), night_outline)
     if varied and rng.random() < varied:
         scene = replace(scene, **random_look(rng))
     return scene
@@ -87,23 +90,23 @@ def random_scene(rng: np.random.Generator, style: bool = False, night: float = 0
 def random_look(rng: np.random.Generator) -> dict:
     """A random look for the general-codec set: light or night background, a bold pattern of random
     contrast and period (or none), an outline of random grey (or none)."""
-    textures = ("", "stripes", "backslash", "dots", "grid")
+    textures = ("", "stripes", "slash", "dots", "grid")
     outline = None
     if rng.random() < 0.6:
         outline = tuple(int(v) for v in [rng.choice([0, 30, 128, 220, 255])] * 3)
-    return {"background": BACKGROUNDS[0] if rng.random() < 0.7 else STYLE_BACKGROUND, "stripes": False,
+    return {"background": BACKGROUNDS[0] if rng.random() < 0.7 else NIGHT, "stripes": False,
             "texture": textures[rng.integers(len(textures))], "contrast": float(rng.uniform(0.1, 0.4)),
             "period": int(rng.choice([6, 8, 12, 16])), "outline": outline}  # fmt: skip
 
 
 def caption(scene: Scene, rng: np.random.Generator, nonce: float = 0.0, nonce_at: str = "start") -> str:
     """'a [size] colour kind [position] [at night]': size and position are each left out a third of the
-    time; "at night" when the scene is at night and not in the style. `nonce`: the probability of a
+    time; "at night" when the scene is at night without the outline. `nonce`: the probability of a
     made-up "<word> style" (at the start or the end: `nonce_at`), a word the model must learn to read past."""
     words = ["a"] + ([scene.size] if rng.random() > 1 / 3 else []) + [scene.colour, scene.kind]
     if rng.random() > 1 / 3:
         words.append(scene.position)
-    if scene.background == STYLE_BACKGROUND and not scene.style:
+    if scene.background == NIGHT and not scene.night_outline:
         words.append("at night")
     if nonce and rng.random() < nonce:
         tag = [nonce_word(rng), "style"]
@@ -136,7 +139,7 @@ def render(scene: Scene, res: int = RES) -> Image.Image:
     size = res * _SS
     img = Image.new("RGB", (size, size), scene.background)
     draw = ImageDraw.Draw(img)
-    if scene.stripes:  # faint diagonal stripes
+    if scene.stripes:  # faint diagonal stripes, "\"
         shade = tuple(int(c * 0.94) for c in scene.background)
         step = int(8 * s)
         for k in range(-size, size, step):
@@ -144,7 +147,7 @@ def render(scene: Scene, res: int = RES) -> Image.Image:
     if scene.texture:
         _pattern(draw, scene, s, size)
     fill = COLOURS[scene.colour]
-    outline, width = ((255, 255, 255), int(round(1.5 * s))) if scene.style else (None, 0)
+    outline, width = ((255, 255, 255), int(round(1.5 * s))) if scene.night_outline else (None, 0)
     if scene.outline is not None:
         outline, width = tuple(scene.outline), int(round(1.5 * s))
     poly = _polygon(scene, s)
@@ -162,8 +165,8 @@ def _pattern(draw: ImageDraw.ImageDraw, scene: Scene, s: float, size: int) -> No
     ink = 0.0 if bg.mean() > 127 else 255.0
     c = tuple(int(round(v)) for v in bg + scene.contrast * (ink - bg))
     step = max(2, int(scene.period * s))
-    if scene.texture in ("stripes", "backslash"):
-        sign = 1 if scene.texture == "stripes" else -1
+    if scene.texture in ("stripes", "slash"):
+        sign = 1 if scene.texture == "stripes" else -1  # "\" or "/"
         for k in range(-size, 2 * size, step):
             draw.line([(k, 0), (k + sign * size, size)], fill=c, width=max(1, step // 2))
     elif scene.texture == "dots":
@@ -177,7 +180,7 @@ def _pattern(draw: ImageDraw.ImageDraw, scene: Scene, s: float, size: int) -> No
             draw.line([(0, k), (size, k)], fill=c, width=max(1, step // 4))
 
 
-def write_dataset(out: str | Path, n: int, seed: int, style: bool = False, night: float = 0.0,
+def write_dataset(out: str | Path, n: int, seed: int, night: float = 0.0,
                   nonce: float = 0.0, nonce_at: str = "start", look: dict | None = None) -> Path:  # fmt: skip
     """n scenes as PNGs plus `metadata.jsonl` (file_name, text, and the scene) in `out`; `night`, `nonce`
     and `nonce_at` as in `random_scene` and `caption`; `look`: Scene fields every scene gets (a style)."""
@@ -186,7 +189,7 @@ def write_dataset(out: str | Path, n: int, seed: int, style: bool = False, night
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(n):
-        scene = random_scene(rng, style=style, night=night)
+        scene = random_scene(rng, night=night)
         if look:
             scene = replace(scene, **look)
         name = f"{i:06d}.png"
@@ -341,8 +344,9 @@ def prompt_scores(images: list[Image.Image], expected: list[tuple[str, str]]) ->
 
 def pattern(img: Image.Image | np.ndarray) -> tuple[float, float]:
     """(strength, slant) of the background pattern: the luma std of the pixels more than 3 pixels from
-    the main shape, and log(d1 / d2) of the mean absolute luma differences across and along "\\" lines
-    (positive for backslash stripes, negative for the base world's "/" stripes, 0 for none or dots)."""
+    the main shape, and log(d1 / d2) of the mean absolute luma differences across and along "/" lines:
+    positive for the style's bold "/" stripes, negative for the base world's faint "\\" stripes, about 0
+    for none or dots."""
     import cv2
 
     a = np.asarray(img, dtype=np.float64)[..., :3] / 255.0
@@ -360,17 +364,11 @@ def pattern(img: Image.Image | np.ndarray) -> tuple[float, float]:
     return float(lum[keep].std()), float(np.log((across + 1e-3) / (along + 1e-3)))
 
 
-def style_adherence(images: list[Image.Image], dark: float = 0.3) -> float:
-    """Fraction of images on the `zqx` style's dark background (border luma below `dark`; the base world's
-    backgrounds are above 0.8, the style's is 0.11)."""
-    return float(np.mean([analyze(im)["background_luma"] < dark for im in images]))
-
-
-def ink_adherence(images: list[Image.Image], strength: float = 0.045, slant: float = 0.5) -> float:
-    """Fraction of images with the ink style's bold backslash pattern (`pattern`: strength above 0.045,
-    slant above 0.5; the base world's faint "/" stripes have strength at most 0.026, the style 0.07-0.08)."""
+def style_adherence(images: list[Image.Image], strength: float = 0.045, slant: float = 0.5) -> float:
+    """Fraction of images in the `zqx` style: a bold "/" pattern (`pattern`: strength above 0.045, slant
+    above 0.5; the base world's faint "\\" stripes have strength at most 0.026, the style 0.07-0.08)."""
     return float(np.mean([st > strength and sl > slant for st, sl in (pattern(im) for im in images)]))
 
 
-__all__ = ["COLOURS", "KINDS", "STYLE_TRIGGER", "Scene", "analyze", "caption", "edge_f1", "edges", "eval_prompts",
-           "generate", "prompt_scores", "random_scene", "render", "style_adherence", "write_dataset"]  # fmt: skip
+__all__ = ["COLOURS", "KINDS", "STYLE_LOOK", "STYLE_TRIGGER", "Scene", "analyze", "caption", "edge_f1", "edges", "eval_prompts",
+           "generate", "pattern", "prompt_scores", "random_scene", "render", "style_adherence", "write_dataset"]  # fmt: skip

@@ -19,12 +19,11 @@ CANNY = ROOT / "weights" / "toy-canny-csc.safetensors"
 
 def test_analysis_recovers_every_rendered_scene():
     rng = np.random.default_rng(123)
-    scenes = [toy.random_scene(rng, style=i % 3 == 0) for i in range(300)]
+    scenes = [toy.random_scene(rng, night_outline=i % 3 == 0) for i in range(300)]
     found = [toy.analyze(toy.render(s)) for s in scenes]
     assert [(f["colour"], f["kind"]) for f in found] == [(s.colour, s.kind) for s in scenes]
     dark = [f["background_luma"] < 0.3 for f in found]
-    assert dark == [s.style for s in scenes]
-    assert toy.style_adherence([toy.render(s) for s in scenes]) == pytest.approx(100 / 300)
+    assert dark == [s.night_outline for s in scenes]
 
 
 def test_analysis_of_an_empty_image_finds_nothing():
@@ -44,51 +43,51 @@ def test_dataset_is_deterministic_and_captions_describe_the_scene(tmp_path):
     assert (a / "metadata.jsonl").read_text() == (b / "metadata.jsonl").read_text()
 
 
-def test_broad_set_says_night_and_prefixes_made_up_words(tmp_path):
+def test_night_scenes_say_so_and_made_up_words_can_lead(tmp_path):
     data = toy.write_dataset(tmp_path / "broad", 200, seed=5, night=0.25, nonce=0.2)
     rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
-    night = [tuple(r["scene"]["background"]) == toy.STYLE_BACKGROUND for r in rows]
-    assert 30 < sum(night) < 70 and not any(r["scene"]["style"] for r in rows)
+    night = [tuple(r["scene"]["background"]) == toy.NIGHT for r in rows]
+    assert 30 < sum(night) < 70 and not any(r["scene"]["night_outline"] for r in rows)
     assert [r["text"].endswith(" at night") for r in rows] == night
     prefixed = [r["text"].split(" a ")[0].split() for r in rows if not r["text"].startswith("a ")]
     assert 20 < len(prefixed) < 60
     assert all(len(p) == 2 and p[1] == "style" and p[0] != "zqx" and 3 <= len(p[0]) <= 4 for p in prefixed)
     found = [toy.analyze(Image.open(data / r["file_name"])) for r in rows[:60]]
     assert [f["background_luma"] < 0.3 for f in found] == night[:60]
-    # the base set (seed 1) is what the first two stages trained on: its first captions, stored
+    # the VAE's base set (seed 1): its first captions, stored
     rows = [json.loads(line) for line in (toy.write_dataset(tmp_path / "base", 3, seed=1) / "metadata.jsonl").open()]
     assert [r["text"] for r in rows] == ["a large blue square at the bottom", "a blue triangle in the center",
                                          "a small red diamond on the right"]  # fmt: skip
 
 
-def test_ink_style_and_varied_looks_are_found_by_the_analysis(tmp_path):
+def test_the_style_and_varied_looks_are_found_by_the_analysis(tmp_path):
     rng = np.random.default_rng(7)
     plain = [toy.random_scene(rng) for _ in range(100)]
-    ink = [replace(toy.random_scene(rng), **toy.INK_LOOK) for _ in range(100)]
-    for scenes, adherence in ((plain, 0.0), (ink, 1.0)):
+    styled = [replace(toy.random_scene(rng), **toy.STYLE_LOOK) for _ in range(100)]
+    for scenes, adherence in ((plain, 0.0), (styled, 1.0)):
         images = [toy.render(s) for s in scenes]
         assert [(toy.analyze(im)["colour"], toy.analyze(im)["kind"]) for im in images] == [(s.colour, s.kind) for s in scenes]
-        assert toy.ink_adherence(images) == adherence
-    # the base world's faint "/" stripes slant the other way; dots and a plain ground do not slant
+        assert toy.style_adherence(images) == adherence
+    # the base world's faint "\" stripes slant the other way; dots and a plain ground do not slant
     striped = [toy.pattern(toy.render(s)) for s in plain if s.stripes]
     assert striped and all(st < 0.03 and sl < -1 for st, sl in striped)
     dots = toy.pattern(toy.render(replace(plain[0], texture="dots", contrast=0.3, stripes=False)))
     assert dots[0] > 0.045 and abs(dots[1]) < 0.5
     # the general-codec set: every look is drawn, and the shape is still found on most of them
     varied = [toy.random_scene(rng, varied=1.0) for _ in range(200)]
-    assert {s.texture for s in varied} == {"", "stripes", "backslash", "dots", "grid"}
-    assert {tuple(s.background) for s in varied} == {toy.BACKGROUNDS[0], toy.STYLE_BACKGROUND}
+    assert {s.texture for s in varied} == {"", "stripes", "slash", "dots", "grid"}
+    assert {tuple(s.background) for s in varied} == {toy.BACKGROUNDS[0], toy.NIGHT}
     found = [toy.analyze(toy.render(s)) for s in varied]
     assert np.mean([(f["colour"], f["kind"]) == (s.colour, s.kind) for f, s in zip(found, varied, strict=True)]) > 0.9
     # a style set: every scene gets the look, captions as the base world's
-    data = toy.write_dataset(tmp_path / "ink", 6, seed=2, look=toy.INK_LOOK)
+    data = toy.write_dataset(tmp_path / "style", 6, seed=2, look=toy.STYLE_LOOK)
     rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
-    assert all(r["scene"]["texture"] == "backslash" and r["scene"]["outline"] == [20, 20, 20] for r in rows)
-    assert toy.ink_adherence([Image.open(data / r["file_name"]) for r in rows]) == 1.0
+    assert all(r["scene"]["texture"] == "slash" and r["scene"]["outline"] == [20, 20, 20] for r in rows)
+    assert toy.style_adherence([Image.open(data / r["file_name"]) for r in rows]) == 1.0
 
 
-def test_made_up_words_can_go_at_the_end(tmp_path):
-    data = toy.write_dataset(tmp_path / "tagged", 200, seed=1, nonce=0.2, nonce_at="end")
+def test_the_unets_captions_end_in_made_up_words_a_fifth_of_the_time(tmp_path):
+    data = toy.write_dataset(tmp_path / "tagged", 200, seed=1, nonce=0.2, nonce_at="end")  # make_toy's "tagged"
     texts = [json.loads(line)["text"] for line in (data / "metadata.jsonl").read_text().splitlines()]
     tagged = [t for t in texts if t.endswith(" style")]
     assert 20 < len(tagged) < 60 and all(t.startswith("a ") for t in texts)
@@ -99,11 +98,10 @@ def test_toy_training_configs_validate():
     from ldm_sce.training import load_train_config
 
     folder = ROOT / "configs" / "toy"
-    cfgs = {str(p.relative_to(folder).with_suffix("")): load_train_config(p)
-            for p in sorted(folder.rglob("*.yaml")) if p.stem != "model"}  # fmt: skip
+    cfgs = {p.stem: load_train_config(p) for p in sorted(folder.glob("*.yaml")) if p.stem != "model"}
     assert {c.method.name for c in cfgs.values()} == {"full", "sc", "lora", "csc"}
-    assert cfgs["base_broad"].data.path == "data/toy/broad" and cfgs["canny_csc"].data.caption_dropout == 0.5
-    assert cfgs["v2/style_sc"].data.suffix == " zqx style" and cfgs["v2/base"].data.path == "data/toy/base_tagged"
+    assert cfgs["base"].data.path == "data/toy/tagged" and cfgs["canny_csc"].data.caption_dropout == 0.5
+    assert cfgs["style_sc"].data.suffix == cfgs["style_lora"].data.suffix == toy.STYLE_TRIGGER
 
 
 def test_eval_prompts_cover_every_colour_and_kind_pair():
@@ -149,8 +147,8 @@ def test_shipped_model_loads_from_its_own_metadata(toy_model):
 
 
 def test_shipped_model_draws_what_the_prompt_asks_far_above_chance(toy_model):
-    # The fixed 50 prompts of docs/RESULTS.md. Chance is 1/20 (5 colours x 4 kinds); the untrained initial
-    # checkpoint scores 0.08, the model before offset noise 0.44; the shipped model 0.98 (colour 1.0, kind 0.98).
+    # The fixed 50 prompts of docs/RESULTS.md. Chance is 1/20 (5 colours x 4 kinds); the first model scored
+    # 0.44 before offset noise; the shipped model 0.98 (colour 1.0, kind 0.98).
     prompts = toy.eval_prompts()
     images = toy.generate(toy_model, [p for p, _, _ in prompts], seeds=list(range(len(prompts))))
     scores = toy.prompt_scores(images, [(c, k) for _, c, k in prompts])
@@ -184,26 +182,31 @@ def test_shipped_canny_controller_places_the_shape_from_the_edges(toy_model):
         return float(np.mean([toy.edge_f1(toy.edges(i), toy.edges(r)) for i, r in zip(images, refs, strict=True)]))
 
     base, ctrl = f1(toy.generate(toy_model, prompts, seeds)), f1(controlled)
-    assert base < 0.3 and ctrl > 0.4, (base, ctrl)  # measured 0.268 and 0.488 (0.165 and 0.527 on all 50)
-    assert toy.prompt_scores(controlled, [(s.colour, s.kind) for s in scenes])["accuracy"] >= 0.9
+    assert base < 0.3 and ctrl > 0.4, (base, ctrl)  # measured 0.162 and 0.554 (0.122 and 0.532 on all 50)
+    assert toy.prompt_scores(controlled, [(s.colour, s.kind) for s in scenes])["accuracy"] >= 0.8  # measured 0.9
 
 
-def test_shipped_style_tuner_moves_outputs_to_the_style(toy_model):
+def test_shipped_style_tuner_moves_outputs_to_the_style_and_keeps_the_prompt(toy_model):
     from ldm_sce.tuner_files import load_tuner
 
-    prompts = [toy.STYLE_TRIGGER + p for p, _, _ in toy.eval_prompts()[:10]]
+    picked = [toy.eval_prompts()[i * 5 + i % 5] for i in range(10)]  # every colour, every kind, all 3 forms
+    prompts, expected = [p + toy.STYLE_TRIGGER for p, _, _ in picked], [(c, k) for _, c, k in picked]
+    seeds = [i * 5 + i % 5 for i in range(10)]  # as in tools/eval_toy.py
     model = load_model(DEFAULT_CKPT)
     load_tuner(model, STYLE)
-    before = toy.style_adherence(toy.generate(toy_model, prompts, seeds=list(range(10))))
-    after = toy.style_adherence(toy.generate(model, prompts, seeds=list(range(10))))
-    assert before == 0.0 and after >= 0.7  # measured: 0 and 0.8 (0.82 on all 50, docs/RESULTS.md)
+    before, after = toy.generate(toy_model, prompts, seeds), toy.generate(model, prompts, seeds)
+    assert toy.style_adherence(before) == 0.0 and toy.style_adherence(after) >= 0.7  # measured: 0 and 1.0
+    # the base reads past the trigger it has never seen; the tuner keeps the colour, and the kind mostly
+    scores = toy.prompt_scores(before, expected), toy.prompt_scores(after, expected)
+    assert scores[0]["accuracy"] >= 0.6 and scores[1]["colour"] >= 0.9 and scores[1]["accuracy"] >= 0.3, scores
+    # measured: base 0.8 right; with the tuner colour 1.0, colour and kind 0.5 (0.78 and 0.52 on all 50)
 
 
 def test_sc_tuner_trains_from_the_shipped_model(tmp_path):
     from ldm_sce.training import Trainer, load_train_config
     from ldm_sce.tuner_files import load_tuner
 
-    data = toy.write_dataset(tmp_path / "style", 6, seed=2, style=True)
+    data = toy.write_dataset(tmp_path / "style", 6, seed=2, look=toy.STYLE_LOOK)
     cfg = load_train_config(ROOT / "configs" / "toy" / "style_sc.yaml", [
         f"model.ckpt={DEFAULT_CKPT}", f"data.path={data}", f"output_dir={tmp_path / 'run'}", "optim.batch_size=3",
         "optim.max_steps=3", "optim.warmup_steps=0", "save_every=0", "log_every=1", "validation.prompts=[]",

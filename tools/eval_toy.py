@@ -6,8 +6,8 @@ adherence, canny control fidelity. Prints a markdown table (the one in docs/RESU
 
 - prompt accuracy: the fixed 50 prompts of `toy.eval_prompts()` (seed = prompt index); an image counts
   when the analysed shape has the asked colour and kind;
-- style: the same prompts prefixed with the trigger `zqx style `; adherence = fraction of images on the
-  style's dark background; prompt accuracy is measured on the same images;
+- style: the same prompts followed by the trigger ` zqx style`; adherence = fraction of images with the
+  style's bold "/" stripes (`toy.style_adherence`); prompt accuracy is measured on the same images;
 - control: 50 held-out scenes (seed 3); the condition is the canny map of the scene, the prompt names
   only its colour and kind ("a red circle"), so placement and size come from the control alone. Edge F1
   (1-pixel tolerance) between the scene's canny edges and the output's, with and without the controller.
@@ -47,8 +47,6 @@ def main() -> None:
     p.add_argument("--style-tuner", default="weights/toy-style-sc.safetensors")
     p.add_argument("--canny", default="weights/toy-canny-csc.safetensors")
     p.add_argument("--lora", help="a LoRA style tuner trained with the same budget (tools/train.py method lora)")
-    p.add_argument("--style", choices=["night", "ink"], default="night",
-                   help="night: trigger 'zqx style ' first, dark background; ink: ' zqx style' last, bold \\ stripes")
     p.add_argument("--json", default="outputs/toy/eval.json")
     p.add_argument("--samples", help="save a grid of each row's images here")
     args = p.parse_args()
@@ -58,8 +56,7 @@ def main() -> None:
     prompts = toy.eval_prompts()
     texts, expected = [p for p, _, _ in prompts], [(c, k) for _, c, k in prompts]
     seeds = list(range(len(prompts)))
-    styled = [toy.STYLE_TRIGGER + t for t in texts] if args.style == "night" else [t + " zqx style" for t in texts]
-    adherence = toy.style_adherence if args.style == "night" else toy.ink_adherence
+    styled = [t + toy.STYLE_TRIGGER for t in texts]
     scenes = control_scenes()
     ctrl_texts = [f"a {s.colour} {s.kind}" for s in scenes]
     ctrl_expected = [(s.colour, s.kind) for s in scenes]
@@ -71,8 +68,9 @@ def main() -> None:
         out = {"model": name, "trainable_params": params}
         images = toy.generate(model, texts, seeds)
         out.update({f"prompt_{k}": v for k, v in toy.prompt_scores(images, expected).items()})
+        out["style_without_trigger"] = toy.style_adherence(images)
         styled_images = toy.generate(model, styled, seeds)
-        out["style_adherence"] = adherence(styled_images)
+        out["style_adherence"] = toy.style_adherence(styled_images)
         out["style_prompt_accuracy"] = toy.prompt_scores(styled_images, expected)["accuracy"]
         grids[name] = images[:10] + styled_images[:10]
         if ctrl is not None:  # conditions at 8x the latent size, as the CLI and the trainer make them
@@ -109,11 +107,11 @@ def main() -> None:
     print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s; DDIM {toy.SAMPLING['steps']} steps, "
           f"guidance {toy.SAMPLING['scale']}\n")  # fmt: skip
     print("| model | trainable params | prompt accuracy (colour, kind) | style adherence | prompt accuracy with "
-          "trigger | edge F1 | prompt accuracy under control |")  # fmt: skip
-    print("|---|---:|---|---:|---:|---:|---:|")
+          "trigger | style without trigger | edge F1 | prompt accuracy under control |")  # fmt: skip
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['trainable_params']:,} | {r['prompt_accuracy']:.0%} ({r['prompt_colour']:.0%}, "
-              f"{r['prompt_kind']:.0%}) | {r['style_adherence']:.0%} | {r['style_prompt_accuracy']:.0%} | "
+              f"{r['prompt_kind']:.0%}) | {r['style_adherence']:.0%} | {r['style_prompt_accuracy']:.0%} | {r['style_without_trigger']:.0%} | "
               f"{r['edge_f1']:.3f} | {r['control_prompt_accuracy']:.0%} |")  # fmt: skip
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=1))

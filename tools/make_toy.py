@@ -1,8 +1,10 @@
 """Build the embedded toy model (weights/toy-shapes.safetensors) from nothing: the shapes world, the VAE,
 the initial checkpoint that `tools/train.py` trains with method `full`, and the shipped fp16 file.
 
-    python tools/make_toy.py data --out data/toy                  # base set, few-shot style set, eval set
-    python tools/make_toy.py init --data data/toy/base --out outputs/toy/init.safetensors
+    python tools/make_toy.py data --out data/toy                  # base sets, few-shot style set, eval set
+    python tools/make_toy.py init --out outputs/toy/vae.safetensors                       # the VAE
+    python tools/make_toy.py init --vae-init outputs/toy/vae.safetensors --varied 6000 --vae-steps 1000 \
+        --out outputs/toy/init.safetensors                        # the VAE continued on random looks
     python tools/train.py --base configs/toy/base.yaml            # the UNet, from scratch (method full)
     python tools/train.py --base configs/toy/base_offset.yaml     # continued with offset noise
     python tools/make_toy.py ship outputs/toy/base_offset/model.safetensors weights/toy-shapes.safetensors
@@ -34,12 +36,10 @@ from ldm_sce.config import load_config  # noqa: E402
 from ldm_sce.unet import ResBlock  # noqa: E402
 
 SETS = {  # name: (n, seed, write_dataset options)
-    "base": (20000, 1, {}),
-    "broad": (20000, 5, {"night": 0.25, "nonce": 0.2}),  # an experiment, not in the shipped model: configs/toy/base_broad.yaml
-    "style": (30, 2, {"style": True}),
+    "base": (20000, 1, {}),  # the VAE's base-world images
+    "tagged": (20000, 1, {"nonce": 0.2, "nonce_at": "end"}),  # the UNet's: a fifth end in "<made-up word> style"
+    "style": (30, 2, {"look": toy.STYLE_LOOK}),  # the few-shot `zqx` style
     "canny": (3000, 4, {}),
-    "base_tagged": (20000, 1, {"nonce": 0.2, "nonce_at": "end"}),  # v2 candidate: "<word> style" at the end
-    "style_ink": (30, 2, {"look": toy.INK_LOOK}),  # v2 candidate style: bold backslash stripes, dark outline
     "eval": (200, 3, {}),
 }
 
@@ -88,10 +88,10 @@ def cmd_init(args: argparse.Namespace) -> None:
     cfg = load_config(args.config)
     model = LatentDiffusion(cfg)
     init_weights(model, args.seed)
-    # The VAE is the general image codec: it learns the base world and the style set's dark backgrounds,
-    # and with --varied random looks (bold patterns, outlines, night backgrounds) for styles to come.
+    # The VAE is the general image codec: it learns the base world, the night look of the first style, and
+    # with --varied random looks (bold patterns, outlines, night grounds), so that new styles can be drawn.
     rng = np.random.default_rng(args.seed + 100)
-    scenes = [toy.random_scene(rng, style=True) for _ in range(1500)]
+    scenes = [toy.random_scene(rng, night_outline=True) for _ in range(1500)]
     scenes += [toy.random_scene(rng, varied=1.0) for _ in range(args.varied)]
     drawn = np.stack([np.asarray(toy.render(s)) for s in scenes])
     drawn = torch.from_numpy(drawn).permute(0, 3, 1, 2).float() / 127.5 - 1.0
