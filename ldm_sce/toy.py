@@ -16,9 +16,10 @@ patterns, outlines) and the night look of the first style (night blue, white out
 Everything is deterministic from a seed. Images are drawn at 4x and downsampled (anti-aliased edges).
 
 Analysis (`analyze`): the background is the border's frequent colours (a plain ground, or both colours
-of a bold pattern); the shape is the largest connected region of pixels far from all of them. Its colour is the nearest palette colour to the median of the
-region's interior; its kind follows from how much of its bounding box it fills (square ~1, circle ~0.79,
-triangle and diamond ~0.5) and, between the last two, where its widest row lies (bottom: triangle).
+of a bold pattern); the shape is the largest connected region of pixels far from all of them. Its colour
+is the nearest palette colour to the median of the region's interior; its kind follows from how much of
+its bounding box it fills (square ~1, circle ~0.79, triangle and diamond ~0.5) and, between the last two,
+where its widest row lies (bottom: triangle). `style_adherence` reads the `zqx` style's stripes.
 """
 
 from __future__ import annotations
