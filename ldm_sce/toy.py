@@ -68,10 +68,8 @@ class Scene:
     outline: tuple[int, int, int] | None = None  # an outline of the shape in this colour (varied looks)
 
 
-def random_scene(rng: np.random.Generator, night_outline: bool = False, night: float = 0.0,
-                 varied: float = 0.0) -> Scene:  # fmt: skip
-    """One scene; `night`: the probability of a night-blue background without the outline;
-    `varied`: the probability of a random look (background, bold pattern, outline), for the VAE."""
+def random_scene(rng: np.random.Generator, night_outline: bool = False, varied: float = 0.0) -> Scene:
+    """One scene; `varied`: the probability of a random look (background, bold pattern, outline), for the VAE."""
     kind = KINDS[rng.integers(len(KINDS))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     size = list(SIZES)[rng.integers(len(SIZES))]
@@ -80,8 +78,6 @@ def random_scene(rng: np.random.Generator, night_outline: bool = False, night: f
     fx, fy = POSITIONS[position]
     cx, cy = (np.array([fx, fy]) * RES + rng.uniform(-3, 3, 2)).clip(r + 2, RES - r - 2)
     background = NIGHT if night_outline else BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-    if night and rng.random() < night:
-        background = NIGHT
     scene = Scene(kind, colour, size, position, float(cx), float(cy), r, background, bool(rng.random() < 0.3), night_outline)
     if varied and rng.random() < varied:
         scene = replace(scene, **random_look(rng))
@@ -100,18 +96,15 @@ def random_look(rng: np.random.Generator) -> dict:
             "period": int(rng.choice([6, 8, 12, 16])), "outline": outline}  # fmt: skip
 
 
-def caption(scene: Scene, rng: np.random.Generator, nonce: float = 0.0, nonce_at: str = "start") -> str:
-    """'a [size] colour kind [position] [at night]': size and position are each left out a third of the
-    time; "at night" when the scene is at night without the outline. `nonce`: the probability of a
-    made-up "<word> style" (at the start or the end: `nonce_at`), a word the model must learn to read past."""
+def caption(scene: Scene, rng: np.random.Generator, nonce: float = 0.0) -> str:
+    """'a [size] colour kind [position]': size and position are each left out a third of the time.
+    `nonce`: the probability of a made-up "<word> style" at the end, a word the model must learn to read
+    past (the style's trigger goes there too)."""
     words = ["a"] + ([scene.size] if rng.random() > 1 / 3 else []) + [scene.colour, scene.kind]
     if rng.random() > 1 / 3:
         words.append(scene.position)
-    if scene.background == NIGHT and not scene.night_outline:
-        words.append("at night")
     if nonce and rng.random() < nonce:
-        tag = [nonce_word(rng), "style"]
-        words = tag + words if nonce_at == "start" else words + tag
+        words += [nonce_word(rng), "style"]
     return " ".join(words)
 
 
@@ -181,21 +174,20 @@ def _pattern(draw: ImageDraw.ImageDraw, scene: Scene, s: float, size: int) -> No
             draw.line([(0, k), (size, k)], fill=c, width=max(1, step // 4))
 
 
-def write_dataset(out: str | Path, n: int, seed: int, night: float = 0.0,
-                  nonce: float = 0.0, nonce_at: str = "start", look: dict | None = None) -> Path:  # fmt: skip
-    """n scenes as PNGs plus `metadata.jsonl` (file_name, text, and the scene) in `out`; `night`, `nonce`
-    and `nonce_at` as in `random_scene` and `caption`; `look`: Scene fields every scene gets (a style)."""
+def write_dataset(out: str | Path, n: int, seed: int, nonce: float = 0.0, look: dict | None = None) -> Path:
+    """n scenes as PNGs plus `metadata.jsonl` (file_name, text, and the scene) in `out`; `nonce` as in
+    `caption`; `look`: Scene fields every scene gets (a style)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(n):
-        scene = random_scene(rng, night=night)
+        scene = random_scene(rng)
         if look:
             scene = replace(scene, **look)
         name = f"{i:06d}.png"
         render(scene).save(out / name)
-        text = caption(scene, rng, nonce=nonce, nonce_at=nonce_at)
+        text = caption(scene, rng, nonce=nonce)
         lines.append(json.dumps({"file_name": name, "text": text, "scene": asdict(scene)}))
     tmp = out / "metadata.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n")

@@ -43,21 +43,16 @@ def test_dataset_is_deterministic_and_captions_describe_the_scene(tmp_path):
     assert (a / "metadata.jsonl").read_text() == (b / "metadata.jsonl").read_text()
 
 
-def test_night_scenes_say_so_and_made_up_words_can_lead(tmp_path):
-    data = toy.write_dataset(tmp_path / "broad", 200, seed=5, night=0.25, nonce=0.2)
-    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
-    night = [tuple(r["scene"]["background"]) == toy.NIGHT for r in rows]
-    assert 30 < sum(night) < 70 and not any(r["scene"]["night_outline"] for r in rows)
-    assert [r["text"].endswith(" at night") for r in rows] == night
-    prefixed = [r["text"].split(" a ")[0].split() for r in rows if not r["text"].startswith("a ")]
-    assert 20 < len(prefixed) < 60
-    assert all(len(p) == 2 and p[1] == "style" and p[0] != "zqx" and 3 <= len(p[0]) <= 4 for p in prefixed)
-    found = [toy.analyze(Image.open(data / r["file_name"])) for r in rows[:60]]
-    assert [f["background_luma"] < 0.3 for f in found] == night[:60]
-    # the VAE's base set (seed 1): its first captions, stored
-    rows = [json.loads(line) for line in (toy.write_dataset(tmp_path / "base", 3, seed=1) / "metadata.jsonl").open()]
-    assert [r["text"] for r in rows] == ["a large blue square at the bottom", "a blue triangle in the center",
-                                         "a small red diamond on the right"]  # fmt: skip
+def test_the_sets_the_shipped_model_learnt_from_are_rebuilt_exactly(tmp_path):
+    # first captions of make_toy's "base" (the VAE's) and "tagged" (the UNet's) sets, stored from the files
+    # the shipped model was trained on (same seed; they part after the first scene, as "tagged" draws the
+    # made-up word's chance from the same generator)
+    base = toy.write_dataset(tmp_path / "base", 3, seed=1)
+    tagged = toy.write_dataset(tmp_path / "tagged", 25, seed=1, nonce=0.2)
+    base, tagged = ([json.loads(line)["text"] for line in (d / "metadata.jsonl").open()] for d in (base, tagged))
+    assert base == ["a large blue square at the bottom", "a blue triangle in the center", "a small red diamond on the right"]
+    assert tagged[:3] == ["a large blue square at the bottom", "a large red circle", "a large green diamond on the left"]
+    assert (tagged[11], tagged[24]) == ("a large yellow circle at the top zcgd style", "a large blue diamond abl style")
 
 
 def test_the_style_and_varied_looks_are_found_by_the_analysis(tmp_path):
@@ -87,7 +82,7 @@ def test_the_style_and_varied_looks_are_found_by_the_analysis(tmp_path):
 
 
 def test_the_unets_captions_end_in_made_up_words_a_fifth_of_the_time(tmp_path):
-    data = toy.write_dataset(tmp_path / "tagged", 200, seed=1, nonce=0.2, nonce_at="end")  # make_toy's "tagged"
+    data = toy.write_dataset(tmp_path / "tagged", 200, seed=1, nonce=0.2)  # make_toy's "tagged"
     texts = [json.loads(line)["text"] for line in (data / "metadata.jsonl").read_text().splitlines()]
     tagged = [t for t in texts if t.endswith(" style")]
     assert 20 < len(tagged) < 60 and all(t.startswith("a ") for t in texts)

@@ -37,7 +37,7 @@ from ldm_sce.unet import ResBlock  # noqa: E402
 
 SETS = {  # name: (n, seed, write_dataset options)
     "base": (20000, 1, {}),  # the VAE's base-world images
-    "tagged": (20000, 1, {"nonce": 0.2, "nonce_at": "end"}),  # the UNet's: a fifth end in "<made-up word> style"
+    "tagged": (20000, 1, {"nonce": 0.2}),  # the UNet's: a fifth end in "<made-up word> style"
     "style": (30, 2, {"look": toy.STYLE_LOOK}),  # the few-shot `zqx` style
     "canny": (3000, 4, {}),
     "eval": (200, 3, {}),
