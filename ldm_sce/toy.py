@@ -238,6 +238,17 @@ def _far_from_background(a: np.ndarray, threshold: float) -> np.ndarray:
     return (dist > threshold).astype(np.uint8)
 
 
+def _largest_region(far: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(uint8 mask, [x, y, w, h, area]) of the largest 8-connected region of `far`; None when it is empty."""
+    import cv2
+
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(far, connectivity=8)
+    if n < 2:
+        return None
+    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return (labels == k).astype(np.uint8), stats[k]
+
+
 def analyze(img: Image.Image | np.ndarray, threshold: float = 70.0) -> dict:
     """{'colour', 'kind', 'background_luma', 'fill', 'area'} of the main shape; colour and kind are None
     when no shape is found."""
@@ -246,15 +257,10 @@ def analyze(img: Image.Image | np.ndarray, threshold: float = 70.0) -> dict:
     a = np.asarray(img, dtype=np.float32)[..., :3]
     bg = np.median(_border(a), axis=0)
     out = {"colour": None, "kind": None, "background_luma": luma(bg), "fill": 0.0, "area": 0}
-    far = _far_from_background(a, threshold)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(far, connectivity=8)
-    if n < 2:
+    region = _largest_region(_far_from_background(a, threshold))
+    if region is None or region[1][4] < 20:
         return out
-    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    x, y, w, h, area = stats[k]
-    if area < 20:
-        return out
-    mask = (labels == k).astype(np.uint8)
+    mask, (x, y, w, h, area) = region
     inner = cv2.erode(mask, np.ones((3, 3), np.uint8), iterations=2).astype(bool)
     pixels = a[inner] if inner.sum() >= 5 else a[mask.astype(bool)]
     rgb = np.median(pixels, axis=0)
@@ -344,12 +350,10 @@ def pattern(img: Image.Image | np.ndarray) -> tuple[float, float]:
 
     a = np.asarray(img, dtype=np.float64)[..., :3] / 255.0
     lum = a @ np.array([0.299, 0.587, 0.114])
-    shape = _far_from_background(a * 255, 70.0)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(shape, connectivity=8)
+    region = _largest_region(_far_from_background(a * 255, 70.0))
     keep = np.ones_like(lum, dtype=bool)
-    if n > 1:
-        k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-        keep = ~cv2.dilate((labels == k).astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    if region is not None:
+        keep = ~cv2.dilate(region[0], np.ones((7, 7), np.uint8)).astype(bool)
     if keep.sum() < 50:
         return 0.0, 0.0
     across = np.abs(lum[1:, 1:] - lum[:-1, :-1])[keep[1:, 1:] & keep[:-1, :-1]].mean()  # step (1, 1)

@@ -61,7 +61,8 @@ def test_the_style_and_varied_looks_are_found_by_the_analysis(tmp_path):
     styled = [replace(toy.random_scene(rng), **toy.STYLE_LOOK) for _ in range(100)]
     for scenes, adherence in ((plain, 0.0), (styled, 1.0)):
         images = [toy.render(s) for s in scenes]
-        assert [(toy.analyze(im)["colour"], toy.analyze(im)["kind"]) for im in images] == [(s.colour, s.kind) for s in scenes]
+        found = [toy.analyze(im) for im in images]
+        assert [(f["colour"], f["kind"]) for f in found] == [(s.colour, s.kind) for s in scenes]
         assert toy.style_adherence(images) == adherence
     # the base world's faint "\" stripes slant the other way; dots and a plain ground do not slant
     striped = [toy.pattern(toy.render(s)) for s in plain if s.stripes]
