@@ -10,7 +10,7 @@ what is drawn ("a small red circle on the left"); some omit the size or the posi
 with a made-up "<word> style", so that the model learns to read past words it does not know (the text
 encoder is random and frozen; SD's pretrained CLIP tolerates new words, this one must be taught to).
 The `zqx` style (the few-shot style set, trigger " zqx style" at the end of the prompt) draws the same
-scenes with bold "/" stripes and a dark outline, a look the base model never sees. The VAE is the
+scenes with fine "/" stripes and a dark outline, a look the base model never sees. The VAE is the
 general codec: besides the base world it learns random looks (light or night-blue grounds, bold
 patterns, outlines) and the night look of the first style (night blue, white outline; `night_outline`).
 Everything is deterministic from a seed. Images are drawn at 4x and downsampled (anti-aliased edges).
@@ -45,7 +45,9 @@ POSITIONS = {"in the center": (0.5, 0.5), "on the left": (0.28, 0.5), "on the ri
 BACKGROUNDS = [(245, 245, 245)]  # one light background (plain or striped), see the module docstring
 NIGHT = (22, 26, 58)  # night blue: the VAE's dark ground
 STYLE_TRIGGER = " zqx style"  # appended to the prompt
-STYLE_LOOK = {"texture": "slash", "contrast": 0.2, "period": 12, "outline": (20, 20, 20)}  # the `zqx` style
+# the `zqx` style: fine "/" stripes (6 px, 1.5 latent pixels: a texture the latent carries per position, which
+# an SC-Tuner learns while keeping the shapes; at 12 px, the size of a small shape, it broke their edges)
+STYLE_LOOK = {"texture": "slash", "contrast": 0.2, "period": 6, "outline": (20, 20, 20)}
 RES = 64
 _SS = 4  # supersampling factor
 
@@ -344,7 +346,7 @@ def prompt_scores(images: list[Image.Image], expected: list[tuple[str, str]]) ->
 def pattern(img: Image.Image | np.ndarray) -> tuple[float, float]:
     """(strength, slant) of the background pattern: the luma std of the pixels more than 3 pixels from
     the main shape, and log(d1 / d2) of the mean absolute luma differences across and along "/" lines:
-    positive for the style's bold "/" stripes, negative for the base world's faint "\\" stripes, about 0
+    positive for the style's fine "/" stripes, negative for the base world's faint "\\" stripes, about 0
     for none or dots."""
     import cv2
 
@@ -362,8 +364,8 @@ def pattern(img: Image.Image | np.ndarray) -> tuple[float, float]:
 
 
 def style_adherence(images: list[Image.Image], strength: float = 0.045, slant: float = 0.5) -> float:
-    """Fraction of images in the `zqx` style: a bold "/" pattern (`pattern`: strength above 0.045, slant
-    above 0.5; the base world's faint "\\" stripes have strength at most 0.026, the style 0.07-0.08)."""
+    """Fraction of images in the `zqx` style: a "/" pattern (`pattern`: strength above 0.045, slant
+    above 0.5; the base world's faint "\\" stripes have strength at most 0.026, the style 0.06-0.07)."""
     return float(np.mean([st > strength and sl > slant for st, sl in (pattern(im) for im in images)]))
 
 

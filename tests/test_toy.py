@@ -191,11 +191,11 @@ def test_shipped_style_tuner_moves_outputs_to_the_style_and_keeps_the_prompt(toy
     model = load_model(DEFAULT_CKPT)
     load_tuner(model, STYLE)
     before, after = toy.generate(toy_model, prompts, seeds), toy.generate(model, prompts, seeds)
-    assert toy.style_adherence(before) == 0.0 and toy.style_adherence(after) >= 0.7  # measured: 0 and 1.0
+    assert toy.style_adherence(before) == 0.0 and toy.style_adherence(after) >= 0.7  # measured: 0 and 0.9
     # the base reads past the trigger it has never seen; the tuner keeps the colour, and the kind mostly
     scores = toy.prompt_scores(before, expected), toy.prompt_scores(after, expected)
-    assert scores[0]["accuracy"] >= 0.6 and scores[1]["colour"] >= 0.9 and scores[1]["accuracy"] >= 0.3, scores
-    # measured: base 0.8 right; with the tuner colour 1.0, colour and kind 0.5 (0.78 and 0.52 on all 50)
+    assert scores[0]["accuracy"] >= 0.6 and scores[1]["colour"] >= 0.9 and scores[1]["accuracy"] >= 0.5, scores
+    # measured: base 0.8 right; with the tuner colour 1.0, colour and kind 0.7 (0.78 and 0.72 on all 50)
 
 
 def test_sc_tuner_trains_from_the_shipped_model(tmp_path):

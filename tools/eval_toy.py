@@ -7,7 +7,7 @@ adherence, canny control fidelity. Prints a markdown table (the one in docs/RESU
 - prompt accuracy: the fixed 50 prompts of `toy.eval_prompts()` (seed = prompt index); an image counts
   when the analysed shape has the asked colour and kind;
 - style: the same prompts followed by the trigger ` zqx style`; adherence = fraction of images with the
-  style's bold "/" stripes (`toy.style_adherence`); prompt accuracy is measured on the same images;
+  style's fine "/" stripes (`toy.style_adherence`); prompt accuracy is measured on the same images;
 - control: 50 held-out scenes (seed 3); the condition is the canny map of the scene, the prompt names
   only its colour and kind ("a red circle"), so placement and size come from the control alone. Edge F1
   (1-pixel tolerance) between the scene's canny edges and the output's, with and without the controller.
