@@ -1,6 +1,6 @@
 """Text to image, with the CompVis `scripts/txt2img.py` arguments.
 
-    python tools/txt2img.py --prompt "a large red circle on the left"      # the embedded toy model
+    python tools/txt2img.py --prompt "a large red circle"                  # the embedded toy model
     python tools/txt2img.py --ckpt weights/v1-5-pruned-emaonly.safetensors --prompt "a red bicycle"
 
 Writes <outdir>/samples/NNNNN.png (one per image, seed + i) and <outdir>/grid-NNNN.png; every PNG carries
