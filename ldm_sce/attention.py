@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .layers import Conv2d, geglu, recompute_frozen
@@ -29,13 +30,12 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        b, n, _ = x.shape
-        # [B, N, H*D] -> [B, H, N, D] as views; SDPA takes the strided layout as it is.
-        q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)
-        k = self.to_k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
-        v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
+        # heads as views of the projections; SDPA takes the strided layout as it is
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)  # [B, H, N, D]
+        k = rearrange(self.to_k(context), "b m (h d) -> b h m d", h=self.heads)  # [B, H, M, D]
+        v = rearrange(self.to_v(context), "b m (h d) -> b h m d", h=self.heads)  # [B, H, M, D]
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, D]
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))  # [B, N, query_dim]
 
 
 class GEGLU(nn.Module):
@@ -97,19 +97,19 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Linear(inner, channels) if linear else Conv2d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        x_in = x
+        h, w = x.shape[2:]
+        x_in = x  # [B, C, H, W]
         x = self.norm(x)
         if not self.linear:
-            x = self.proj_in(x)
-        x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+            x = self.proj_in(x)  # [B, inner, H, W]
+        x = rearrange(x, "b c h w -> b (h w) c")  # tokens [B, HW, C]; a view in channels_last
         if self.linear:
-            x = self.proj_in(x)
+            x = self.proj_in(x)  # [B, HW, inner]
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context)  # [B, HW, inner]
         if self.linear:
-            x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)  # [B, C, H, W]
+            x = self.proj_out(x)  # [B, HW, C]
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
         if not self.linear:
-            x = self.proj_out(x)
+            x = self.proj_out(x)  # [B, C, H, W]
         return x + x_in

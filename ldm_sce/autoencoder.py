@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .config import VAEConfig
@@ -48,11 +49,11 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        h, w = x.shape[2:]
         y = self.norm(x)
-        q, k, v = (f(y).flatten(2).transpose(1, 2)[:, None] for f in (self.q, self.k, self.v))  # [B, 1, HW, C]
-        y = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(y)
+        q, k, v = (rearrange(f(y), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))  # one head
+        y = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
+        return x + self.proj_out(rearrange(y, "b 1 (h w) c -> b c h w", h=h, w=w))
 
 
 class Downsample(nn.Module):

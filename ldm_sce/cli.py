@@ -8,21 +8,21 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from .checkpoint_io import CheckpointError, load_model
 from .conditions import CONDITIONS, condition_tensor, make_condition
 from .config import ConfigError
+from .diffusion import LatentDiffusion
+from .images import ImageError, load_image, save_png
 from .sampling import SAMPLERS
 from .tuner_files import load_tuner
-from .tuners import Control
+from .tuners import Control, Tuning
 
 # The embedded default: the toy shapes model this project trains itself (docs/RESULTS.md), 64x64 images.
 DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "weights" / "toy-shapes.safetensors"
@@ -48,8 +48,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n_samples", type=int, default=1, help="batch size")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=42, help="image i uses seed + i")
-    p.add_argument("--ckpt", type=str, help="checkpoint (.ckpt or .safetensors); default: the embedded toy model "
-                   "weights/toy-shapes.safetensors")
+    p.add_argument(
+        "--ckpt",
+        type=str,
+        help="checkpoint (.ckpt or .safetensors); default: the embedded toy model weights/toy-shapes.safetensors",
+    )
     p.add_argument("--config", type=str, help="preset name or YAML (ours or the original inference YAML)")
     p.add_argument("--parameterization", choices=("eps", "v"), help="override eps/v (SD2 files do not say)")
     p.add_argument("--precision", choices=("full", "autocast"), default="autocast")
@@ -64,8 +67,13 @@ def add_tuner_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tuner-scale", type=float, default=1.0, help="skip + s * (T(skip) - skip)")
     g.add_argument("--control", action="append", default=[], help="CSC-Tuner controller file; repeatable")
     g.add_argument("--control-image", action="append", default=[], help="one image per --control, in order")
-    g.add_argument("--control-type", action="append", default=[], choices=CONDITIONS,
-                   help="how to make the condition from the image (default: the controller's own)")  # fmt: skip
+    g.add_argument(
+        "--control-type",
+        action="append",
+        default=[],
+        choices=CONDITIONS,
+        help="how to make the condition from the image (default: the controller's own)",
+    )
     g.add_argument("--control-weight", action="append", default=[], type=float, help="w_i per --control (1.0)")
     g.add_argument("--control-mask", type=str, help="inpainting mask (white = masked); random if absent")
     g.add_argument("--control-scale", type=float, default=1.0, help="global control scale (paper eq. 7)")
@@ -83,12 +91,11 @@ def _per_control(values: list, n: int, name: str, default):
     return values
 
 
-def attach_tuners(model, args: argparse.Namespace, width: int, height: int, outdir: Path) -> Control | None:
-    """Attach --tuner and --control files to the model; returns the Control (hints computed once) or None.
-    Conditions are made at 8x the latent size (the hint encoder's factor; the image size for SD) and saved
-    to <outdir>/control-<i>-<type>.png."""
-    f, _ = latent_factor(model)
-    width, height = width // f * 8, height // f * 8
+def attach_tuners(model: LatentDiffusion, args: argparse.Namespace, width: int, height: int, outdir: Path) -> Tuning:
+    """Attach --tuner and --control files to the model; returns the `Tuning` of the run (tuner scale, the
+    control with its hints computed once, its range). Conditions are made at `model.cfg.condition_size`
+    (the image size for SD) and saved to <outdir>/control-<i>-<type>.png."""
+    height, width = model.cfg.condition_size(height, width)
     try:
         if args.tuner:
             load_tuner(model, args.tuner)
@@ -112,9 +119,10 @@ def attach_tuners(model, args: argparse.Namespace, width: int, height: int, outd
             Image.fromarray(cond).save(outdir / f"control-{i}-{kind}.png")
             with torch.no_grad():
                 hints.append(ctrl.hints(condition_tensor(cond).to(p.device, p.dtype)))
-    except CheckpointError as e:
+    except (CheckpointError, ImageError) as e:
         raise UsageError(str(e)) from e
-    return Control(hints, weights, args.control_scale) if n else None
+    control = Control(hints, weights, args.control_scale) if n else None
+    return Tuning(args.tuner_scale, control, (args.control_start, args.control_end))
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -127,8 +135,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--ddim_eta must be 0 with PLMS")
     if args.ckpt is None:
         if not DEFAULT_CKPT.is_file():
-            raise UsageError(f"no --ckpt given and the embedded model {DEFAULT_CKPT} is missing: pass a Stable "
-                             "Diffusion checkpoint (.ckpt or .safetensors), or restore weights/ from git")  # fmt: skip
+            raise UsageError(
+                f"no --ckpt given and the embedded model {DEFAULT_CKPT} is missing: pass a Stable "
+                "Diffusion checkpoint (.ckpt or .safetensors), or restore weights/ from git"
+            )
         args.ckpt = str(DEFAULT_CKPT)
     if not Path(args.ckpt).is_file():
         raise UsageError(f"checkpoint not found: {args.ckpt}")
@@ -136,21 +146,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
 
 
-def load(args: argparse.Namespace):
+def load(args: argparse.Namespace) -> LatentDiffusion:
     try:
         return load_model(args.ckpt, config=args.config, parameterization=args.parameterization, device=args.device)
     except (CheckpointError, ConfigError) as e:
         raise UsageError(str(e)) from e
 
 
-def latent_factor(model) -> tuple[int, int]:
-    """(VAE downsampling factor, required multiple of the image side) for this model."""
-    f = 2 ** (len(model.cfg.vae.ch_mult) - 1)
-    return f, f * 2 ** (len(model.cfg.unet.channel_mult) - 1)
-
-
-def check_size(model, h: int, w: int) -> None:
-    _, multiple = latent_factor(model)
+def check_size(model: LatentDiffusion, h: int, w: int) -> None:
+    multiple = model.cfg.image_multiple
     if h % multiple or w % multiple or h <= 0 or w <= 0:
         raise UsageError(f"--H {h} --W {w}: both must be positive multiples of {multiple} for this model")
 
@@ -187,23 +191,21 @@ def precision_context(args: argparse.Namespace):
     return torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [-1, 1] -> PIL images."""
-    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
 def extra_params(args: argparse.Namespace) -> dict:
     """Generation parameters beyond the basic ones, for the PNG metadata."""
     extra = {"Eta": args.ddim_eta} if args.sampler == "ddim" else {}
     if args.tuner:
         extra.update({"SC-Tuner": Path(args.tuner).stem, "Tuner scale": args.tuner_scale})
     if args.control:
-        extra.update({
-            "Controls": [Path(path).stem for path in args.control], "Control types": args.control_type or "default",
-            "Control weights": args.control_weight or [1.0], "Control scale": args.control_scale,
-            "Control range": f"{args.control_start}-{args.control_end}",
-        })  # fmt: skip
+        extra.update(
+            {
+                "Controls": [Path(path).stem for path in args.control],
+                "Control types": args.control_type or "default",
+                "Control weights": args.control_weight or [1.0],
+                "Control scale": args.control_scale,
+                "Control range": f"{args.control_start}-{args.control_end}",
+            }
+        )
     return extra
 
 
@@ -225,50 +227,23 @@ def a1111_parameters(p: dict) -> str:
     return "\n".join(lines)
 
 
-def save_png(img: Image.Image, path: Path, params: dict, sidecar: bool) -> None:
-    """Write atomically (temporary name, then rename) with the parameters in a PNG text chunk."""
-    info = PngInfo()
-    info.add_text("parameters", a1111_parameters(params))
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+def save_sample(img: Image.Image, path: Path, params: dict, sidecar: bool) -> None:
+    """Write a PNG with its parameters in the `parameters` text chunk (atomic, never over an existing file),
+    and with `sidecar` the same parameters as JSON next to it."""
+    save_png(img, path, {"parameters": a1111_parameters(params)})
     if sidecar:
-        path.with_suffix(".json").write_text(json.dumps(params, indent=2))
+        json_path = path.with_suffix(".json")
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps(params, indent=2))
+        os.replace(tmp, json_path)
 
 
-def next_index(folder: Path, pattern: str) -> int:
-    """First free number in `folder` for names like 00012.png (CompVis counts existing files)."""
-    return len(list(folder.glob(pattern)))
-
-
-def make_grid(images: list[Image.Image], n_cols: int) -> Image.Image:
-    w, h = images[0].size
-    n_rows = (len(images) + n_cols - 1) // n_cols
-    grid = Image.new("RGB", (n_cols * w, n_rows * h))
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % n_cols) * w, (i // n_cols) * h))
-    return grid
-
-
-def load_image(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read image {path}: {e}") from e
-
-
-def image_to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL -> [1, 3, H, W] in [-1, 1]."""
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1)[None]
-
-
-def run_cli(main, parser: argparse.ArgumentParser) -> None:
-    """Parse, run `main(args)`, and turn UsageError into one line on stderr with exit status 2."""
+def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
+    """Parse, run `main(args)`, and turn the project's input errors (a bad argument, checkpoint, config, tuner
+    or image) into one line on stderr with exit status 2."""
     args = parser.parse_args()
     try:
         main(args)
-    except UsageError as e:
+    except (UsageError, CheckpointError, ConfigError, ImageError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types as types_mod
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,11 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or preset name that cannot describe a model."""
+
+
+# The CSC-Tuner hint encoder (official layout): seven 3x3 convs, three of stride 2, so it takes a condition
+# image of 8x the latent size to the latent size (`ModelConfig.condition_size`).
+HINT_STRIDES = (1, 1, 2, 1, 2, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -52,14 +58,42 @@ class UNetConfig:
             return self.num_heads, channels // self.num_heads
         return channels // self.num_head_channels, self.num_head_channels
 
-    def skip_channels(self) -> list[int]:
-        """Channels of the skip connections in decoder (pop) order: one per output block."""
-        chans = [self.model_channels]
+    # -- geometry: the one place that says where the skips are and what size they have --------------------
+
+    @property
+    def encoder_blocks(self) -> tuple[tuple[str, int, int], ...]:
+        """(kind, output channels, downsampling factor) of each input block, encoder order: `conv_in`, then
+        per level `num_res_blocks` x `res` and, but at the last level, a `down` (a stride-2 conv). Every
+        input block's output is a skip connection."""
+        blocks = [("conv_in", self.model_channels, 1)]
         for level, mult in enumerate(self.channel_mult):
-            chans += [self.model_channels * mult] * self.num_res_blocks
+            blocks += [("res", self.model_channels * mult, 2**level)] * self.num_res_blocks
             if level != len(self.channel_mult) - 1:
-                chans.append(self.model_channels * mult)  # the Downsample output is a skip too
-        return chans[::-1]
+                blocks.append(("down", self.model_channels * mult, 2 ** (level + 1)))
+        return tuple(blocks)
+
+    @property
+    def skip_channels(self) -> tuple[int, ...]:
+        """Channels of the skip connections in decoder (pop) order: one per output block."""
+        return tuple(ch for _, ch, _ in reversed(self.encoder_blocks))
+
+    @property
+    def skip_factors(self) -> tuple[int, ...]:
+        """Downsampling factor (relative to the latent) of each skip, decoder order; output block m runs at
+        the resolution of skip m."""
+        return tuple(ds for _, _, ds in reversed(self.encoder_blocks))
+
+    @property
+    def size_multiple(self) -> int:
+        """Latent sides must be multiples of this (the encoder halves them `len(channel_mult) - 1` times)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def skip_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
+        """(channels, height, width) of each skip, decoder order, for a latent of height x width."""
+        return [
+            (ch, -(-height // ds), -(-width // ds))
+            for ch, ds in zip(self.skip_channels, self.skip_factors, strict=True)
+        ]
 
 
 @dataclass(frozen=True)
@@ -73,6 +107,11 @@ class VAEConfig:
     num_res_blocks: int = 2
     z_channels: int = 4
     embed_dim: int = 4
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image side / latent side: the encoder halves the image at every level but the last."""
+        return 2 ** (len(self.ch_mult) - 1)
 
 
 @dataclass(frozen=True)
@@ -118,6 +157,25 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    # -- geometry -------------------------------------------------------------------------------------------
+
+    @property
+    def image_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE factor times the UNet's latent multiple."""
+        return self.vae.downsample_factor * self.unet.size_multiple
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the latent of a height x width image."""
+        f = self.vae.downsample_factor
+        return height // f, width // f
+
+    def condition_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of the condition image a CSC-Tuner takes for a height x width image: its hint
+        encoder's factor (8) times the latent size, whatever the VAE's factor."""
+        h, w = self.latent_size(height, width)
+        factor = math.prod(HINT_STRIDES)
+        return h * factor, w * factor
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -253,12 +311,12 @@ _COMPVIS_TEXT = {
     "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": _SD2_TEXT,
 }
 # Keys of the original files that change nothing in inference-time structure or numerics.
-_IGNORED_LDM = {
-    "log_every_t", "first_stage_key", "cond_stage_key", "image_size", "channels", "cond_stage_trainable",
-    "conditioning_key", "monitor", "use_ema", "scale_by_std", "num_timesteps_cond", "scheduler_config",
-    "ckpt_path", "ignore_keys", "load_only_unet", "loss_type", "linear_start", "linear_end", "timesteps",
-    "scale_factor", "parameterization", "unet_config", "first_stage_config", "cond_stage_config",
-}  # fmt: skip
+_IGNORED_LDM = set(
+    "log_every_t first_stage_key cond_stage_key image_size channels cond_stage_trainable conditioning_key monitor "
+    "use_ema scale_by_std num_timesteps_cond scheduler_config ckpt_path ignore_keys load_only_unet loss_type "
+    "linear_start linear_end timesteps scale_factor parameterization unet_config first_stage_config "
+    "cond_stage_config".split()
+)
 _IGNORED_UNET = {"image_size", "use_checkpoint", "use_fp16", "legacy", "use_spatial_transformer", "dropout"}
 
 
@@ -317,3 +375,74 @@ def _from_compvis(data: dict[str, Any], where: str) -> ModelConfig:
         linear_end=float(params.get("linear_end", 0.012)),
         timesteps=int(params.get("timesteps", 1000)),
     )
+
+
+def to_compvis_yaml(cfg: ModelConfig) -> dict[str, Any]:
+    """The original CompVis/Stability inference YAML (as a dict) describing `cfg`; `load_config` reads it back
+    (the text tower is named by its class only, so tiny text sizes do not survive the round trip).
+    diffusers' single-file conversion takes it as `original_config`."""
+    u, v = cfg.unet, cfg.vae
+    unet: dict[str, Any] = {
+        "use_checkpoint": True,
+        "use_fp16": False,
+        "image_size": 32,
+        "in_channels": u.in_channels,
+        "out_channels": u.out_channels,
+        "model_channels": u.model_channels,
+        "attention_resolutions": list(u.attention_resolutions),
+        "num_res_blocks": u.num_res_blocks,
+        "channel_mult": list(u.channel_mult),
+        "use_spatial_transformer": True,
+        "transformer_depth": u.transformer_depth,
+        "context_dim": u.context_dim,
+        "legacy": False,
+    }
+    if u.num_heads is not None:
+        unet["num_heads"] = u.num_heads
+    else:
+        unet.update(num_head_channels=u.num_head_channels, use_linear_in_transformer=u.use_linear_in_transformer)
+    ddconfig = {
+        "double_z": True,
+        "z_channels": v.z_channels,
+        "resolution": 256,
+        "in_channels": v.in_channels,
+        "out_ch": v.out_ch,
+        "ch": v.ch,
+        "ch_mult": list(v.ch_mult),
+        "num_res_blocks": v.num_res_blocks,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+    text_target = "FrozenCLIPEmbedder" if cfg.text.arch == "clip" else "FrozenOpenCLIPEmbedder"
+    params: dict[str, Any] = {
+        "linear_start": cfg.linear_start,
+        "linear_end": cfg.linear_end,
+        "num_timesteps_cond": 1,
+        "log_every_t": 200,
+        "timesteps": cfg.timesteps,
+        "first_stage_key": "jpg",
+        "cond_stage_key": "txt",
+        "image_size": 64,
+        "channels": 4,
+        "cond_stage_trainable": False,
+        "conditioning_key": "crossattn",
+        "monitor": "val/loss_simple_ema",
+        "scale_factor": cfg.scale_factor,
+        "use_ema": False,
+        "unet_config": {"target": next(iter(_COMPVIS_UNET)), "params": unet},
+        "first_stage_config": {
+            "target": next(iter(_COMPVIS_VAE)),
+            "params": {
+                "embed_dim": v.embed_dim,
+                "monitor": "val/rec_loss",
+                "ddconfig": ddconfig,
+                "lossconfig": {"target": "torch.nn.Identity"},
+            },
+        },
+        "cond_stage_config": {"target": f"ldm.modules.encoders.modules.{text_target}"},
+    }
+    if cfg.parameterization == "v":
+        params["parameterization"] = "v"
+    if cfg.text.arch == "open_clip":
+        params["cond_stage_config"]["params"] = {"freeze": True, "layer": "penultimate"}
+    return {"model": {"base_learning_rate": 1e-4, "target": next(iter(_COMPVIS_LDM)), "params": params}}

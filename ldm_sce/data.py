@@ -70,35 +70,41 @@ def _jsonl(path: Path) -> list[Item]:
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """item -> {'image': [3, H, W] in [-1, 1], 'caption': str, 'cond': [3, H, W] in [0, 1] (control only)}
-    or None when the image cannot be read (skipped with a warning and counted in `bad`)."""
+    """`data[epoch, i]` -> {'image': [3, H, W] in [-1, 1], 'caption': str, 'cond': [3, h, w] in [0, 1] (control
+    only)}, or None when the image cannot be read (skipped with a warning and counted in `bad`). The epoch
+    seeds the item's random choices (caption dropout, canny thresholds, masks) with the seed and index.
+
+    `condition`: the condition kind made from each image (canny, color, inpaint), or read from
+    `condition_dir` (same file name; used as it is) when that is given; `cond_resolution`: the condition
+    image's side (`ModelConfig.condition_size`)."""
 
     def __init__(
         self,
         items: list[Item],
         resolution: int,
+        *,
+        cond_resolution: int | None = None,
         seed: int = 0,
         trigger: str = "",
+        suffix: str = "",
         caption_dropout: float = 0.0,
         condition: str | None = None,
         condition_dir: str | None = None,
         random_thresholds: bool = False,
-        cond_resolution: int | None = None,
-        suffix: str = "",
     ):
         self.items, self.resolution, self.seed = items, resolution, seed
-        self.cond_resolution = cond_resolution or resolution  # 8x the latent size (= resolution for SD)
+        self.cond_resolution = cond_resolution or resolution
         self.trigger, self.suffix, self.caption_dropout = trigger, suffix, caption_dropout  # prefix, suffix
         self.condition, self.condition_dir, self.random_thresholds = condition, condition_dir, random_thresholds
-        self.epoch = 0
         self.bad: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict | None:
+    def __getitem__(self, key: tuple[int, int]) -> dict | None:
+        epoch, i = key
         item = self.items[i]
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+        rng = np.random.default_rng([self.seed, epoch, i])
         try:
             with Image.open(item.image) as im:
                 img = resize_center_crop(im, self.resolution, self.resolution)

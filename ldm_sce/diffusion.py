@@ -12,14 +12,14 @@ from torch import nn
 from .autoencoder import AutoencoderKL, DiagonalGaussianDistribution
 from .config import ModelConfig
 from .text_encoders import build_text_encoder
-from .tuners import Control
+from .tuners import Tuning
 from .unet import UNetModel
 
-SCHEDULE_BUFFERS = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-)  # fmt: skip
+SCHEDULE_BUFFERS = tuple(
+    "betas alphas_cumprod alphas_cumprod_prev sqrt_alphas_cumprod sqrt_one_minus_alphas_cumprod "
+    "log_one_minus_alphas_cumprod sqrt_recip_alphas_cumprod sqrt_recipm1_alphas_cumprod posterior_variance "
+    "posterior_log_variance_clipped posterior_mean_coef1 posterior_mean_coef2".split()
+)
 
 
 def make_schedule(linear_start: float, linear_end: float, timesteps: int) -> dict[str, torch.Tensor]:
@@ -58,8 +58,10 @@ class DiffusionWrapper(nn.Module):
         super().__init__()
         self.diffusion_model = unet
 
-    def forward(self, x, t, context, tuner_scale: float = 1.0, control: Control | None = None) -> torch.Tensor:
-        return self.diffusion_model(x, t, context, tuner_scale, control)
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, tuning: Tuning | None = None
+    ) -> torch.Tensor:
+        return self.diffusion_model(x, t, context, tuning)
 
 
 class LatentDiffusion(nn.Module):
@@ -89,12 +91,11 @@ class LatentDiffusion(nn.Module):
         x_noisy: torch.Tensor,
         t: torch.Tensor,
         cond: torch.Tensor,
-        tuner_scale: float = 1.0,
-        control: Control | None = None,
+        tuning: Tuning | None = None,
     ) -> torch.Tensor:
-        """UNet output (eps or v, per `parameterization`) for latents x_noisy [B, 4, h, w] at timesteps t [B].
-        tuner_scale scales the attached SC-Tuners; control carries the CSC-Tuner hints (see tuners.py)."""
-        return self.model(x_noisy, t, cond, tuner_scale, control)
+        """UNet output (eps or v, per `parameterization`) for latents x_noisy [B, 4, h, w] at timesteps t [B]
+        and context cond [B, 77, C]. tuning: the SC-Tuner scale and CSC-Tuner hints (see `Tuning`)."""
+        return self.model(x_noisy, t, cond, tuning)
 
     # -- first stage -----------------------------------------------------------------------------------
     def encode_first_stage(self, x: torch.Tensor) -> DiagonalGaussianDistribution:

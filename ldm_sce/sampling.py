@@ -1,66 +1,103 @@
 """Samplers as plain functions over a denoiser, and classifier-free guidance as a small wrapper.
 
-A denoiser is `eps_fn(x, t) -> eps`: latents x [B, 4, h, w] and (possibly fractional) DDPM timesteps t [B]
-to the predicted noise. v-prediction models are converted to eps by the wrapper (`eps = sqrt(a) v +
-sqrt(1-a) x`), so every sampler is written once, in the eps form.
+A `Denoiser` is the model as every sampler sees it, wrapped once: `denoiser.eps(x, t)` is the predicted
+noise of latents x [B, 4, h, w] at (possibly fractional) DDPM timesteps t [B], and `denoiser(x, sigma)` the
+x0 estimate at noise level sigma (k-diffusion's form: x = x0 + sigma * eps, sigma = sqrt((1 - a) / a)).
+`cfg_denoiser` builds it from a model, with guidance; v-prediction is converted to eps there (`eps =
+sqrt(a) v + sqrt(1-a) x`), so every sampler is written once. Samplers take an optional `callback`, called
+after every step with a `Step` (the latents and the x0 estimate, e.g. for previews and progress).
 
 - `sample_ddim`, `sample_plms`: the CompVis samplers exactly (uniform timesteps `range(0, T, T // S) + 1`,
   the last step's alpha_prev = alphas_cumprod[0]); DDIM eq. 12 of Song et al. 2021.
-- `sample_euler`, `sample_euler_ancestral`, `sample_dpmpp_2m`: k-diffusion's samplers in sigma space
-  (x = x0 + sigma * eps, sigma = sqrt((1 - a) / a)), with Karras et al. 2022 sigmas for DPM-Solver++ 2M.
+- `sample_euler`, `sample_euler_ancestral`, `sample_dpmpp_2m`: k-diffusion's samplers in sigma space, with
+  Karras et al. 2022 sigmas for DPM-Solver++ 2M.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from .tuners import Control
+from .tuners import Tuning
+
+if TYPE_CHECKING:
+    from .diffusion import LatentDiffusion
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseFn = Callable[[], torch.Tensor]
 SAMPLERS = ("ddim", "plms", "euler", "euler_a", "dpmpp_2m")
 
 
+@dataclass(frozen=True)
+class Step:
+    """What a sampler's callback receives after step `i` of `n`: the latents `x` and the model's x0
+    estimate `denoised` at that step (both [B, 4, h, w], scaled latents)."""
+
+    i: int
+    n: int
+    x: torch.Tensor
+    denoised: torch.Tensor
+
+
+Callback = Callable[[Step], None]
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Denoiser wrappers
+# The denoiser, and guidance
 # ---------------------------------------------------------------------------------------------------------
+
+
+class Denoiser:
+    """A noise predictor `eps_fn(x, t) -> eps` with the schedule it was trained on (alphas_cumprod [T])."""
+
+    def __init__(self, eps_fn: EpsFn, alphas_cumprod: torch.Tensor):
+        self.eps = eps_fn
+        self.alphas_cumprod = alphas_cumprod
+        self.sigmas = model_sigmas(alphas_cumprod)  # [T] float64, ascending
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x0 estimate at noise level sigma (a scalar tensor): the UNet sees x / sqrt(sigma^2 + 1) at t(sigma)."""
+        t = sigma_to_t(sigma, self.sigmas).expand(x.shape[0]).to(x.device)
+        c_in = (sigma**2 + 1) ** -0.5
+        eps = self.eps(x * c_in.to(x.dtype), t.to(torch.float32))
+        return x - sigma.to(x.dtype) * eps
 
 
 def cfg_denoiser(
-    model,
+    model: LatentDiffusion,
     cond: torch.Tensor,
     uncond: torch.Tensor | None,
     scale: float,
-    tuner_scale: float = 1.0,
-    control: Control | None = None,
-    control_range: tuple[float, float] = (0.0, 1.0),
-) -> EpsFn:
-    """eps_fn with classifier-free guidance: one UNet call on cat([x, x]) with cat([uncond, cond]),
+    tuning: Tuning | None = None,
+) -> Denoiser:
+    """The model with classifier-free guidance: one UNet call on cat([x, x]) with cat([uncond, cond]),
     `e = e_u + scale * (e_c - e_u)`. With `uncond=None` or scale 1, a single conditional call.
 
-    tuner_scale and control go to the UNet (SCEdit). The control hints feed both CFG branches. Control acts
-    while the sampling progress 1 - t/T lies in control_range (0: pure noise, 1: clean image)."""
+    tuning (SCEdit) goes to the UNet; its control hints feed both CFG branches and act while the sampling
+    progress 1 - t/T lies in `tuning.control_range`."""
     ac = model.alphas_cumprod
     guided = uncond is not None and scale != 1.0
-    batch_control = control.repeat(2) if control is not None and guided else control
+    tuning = tuning or Tuning()
+    batch_tuning = tuning.repeat(2) if guided else tuning
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        progress = 1.0 - float(t.max()) / len(ac)
-        ctrl = batch_control if control_range[0] <= progress <= control_range[1] else None
+        now = batch_tuning.at(1.0 - float(t.max()) / len(ac))
         if not guided:
-            out = model.apply_model(x, t, cond, tuner_scale, ctrl)
+            out = model.apply_model(x, t, cond, now)
         else:
             x2, t2, c2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])
-            out_u, out_c = model.apply_model(x2, t2, c2, tuner_scale, ctrl).chunk(2)
+            out_u, out_c = model.apply_model(x2, t2, c2, now).chunk(2)
             out = out_u + scale * (out_c - out_u)
         if model.parameterization == "v":  # linear in the output, so guiding v then converting equals guiding eps
             a = _alpha_at(ac, t).to(x.dtype).view(-1, 1, 1, 1)
             out = a.sqrt() * out + (1.0 - a).sqrt() * x
         return out
 
-    return eps_fn
+    return Denoiser(eps_fn, ac)
 
 
 def _alpha_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -105,24 +142,26 @@ def _ddim_step(x, eps, a_t, a_prev, sigma, noise):
 
 @torch.no_grad()
 def sample_ddim(
-    eps_fn: EpsFn,
+    denoiser: Denoiser,
     x: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
     steps: int,
     eta: float = 0.0,
-    noise_fn: Callable[[], torch.Tensor] | None = None,
+    noise_fn: NoiseFn | None = None,
     t_start: int | None = None,
+    callback: Callback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """DDIM from x at the last timestep (or at ddim index `t_start` for img2img) down to x0.
 
-    noise_fn draws the per-step noise for eta > 0 (see `batch_noise` for per-image reproducibility)."""
-    ts, a, a_prev = _ddim_alphas(alphas_cumprod, steps, x)
+    noise_fn draws the per-step noise for eta > 0 (see `NoiseStream` for per-image reproducibility)."""
+    ts, a, a_prev = _ddim_alphas(denoiser.alphas_cumprod, steps, x)
     sigmas = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
     n = len(ts) if t_start is None else t_start
-    for i in tqdm(reversed(range(n)), total=n, disable=not progress, desc="DDIM"):
-        eps = eps_fn(x, torch.full((x.shape[0],), int(ts[i]), device=x.device))
-        x, _ = _ddim_step(x, eps, a[i], a_prev[i], sigmas[i], noise_fn() if eta > 0 else None)
+    for k, i in enumerate(tqdm(reversed(range(n)), total=n, disable=not progress, desc="DDIM")):
+        eps = denoiser.eps(x, torch.full((x.shape[0],), int(ts[i]), device=x.device))
+        x, x0 = _ddim_step(x, eps, a[i], a_prev[i], sigmas[i], noise_fn() if eta > 0 else None)
+        if callback is not None:
+            callback(Step(k, n, x, x0))
     return x
 
 
@@ -137,35 +176,37 @@ def ddim_stochastic_encode(
 
 @torch.no_grad()
 def sample_plms(
-    eps_fn: EpsFn,
+    denoiser: Denoiser,
     x: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
     steps: int,
     t_start: int | None = None,
+    callback: Callback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """CompVis PLMS (pseudo linear multistep, Liu et al. 2022): DDIM's update with eps replaced by an
     Adams-Bashforth combination of the last eps; the first step uses a second-order (Heun-like) estimate."""
-    ts, a, a_prev = _ddim_alphas(alphas_cumprod, steps, x)
+    ts, a, a_prev = _ddim_alphas(denoiser.alphas_cumprod, steps, x)
     n = len(ts) if t_start is None else t_start
     order = list(reversed(range(n)))
     old_eps: list[torch.Tensor] = []
     for k, i in enumerate(tqdm(order, disable=not progress, desc="PLMS")):
         t = torch.full((x.shape[0],), int(ts[i]), device=x.device)
-        eps = eps_fn(x, t)
+        eps = denoiser.eps(x, t)
         if not old_eps:
             x_next, _ = _ddim_step(x, eps, a[i], a_prev[i], 0.0, None)
             i_next = order[min(k + 1, len(order) - 1)]
             t_next = torch.full_like(t, int(ts[i_next]))
-            eps_prime = (eps + eps_fn(x_next, t_next)) / 2
+            eps_prime = (eps + denoiser.eps(x_next, t_next)) / 2
         elif len(old_eps) == 1:
             eps_prime = (3 * eps - old_eps[-1]) / 2
         elif len(old_eps) == 2:
             eps_prime = (23 * eps - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
         else:
             eps_prime = (55 * eps - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
-        x, _ = _ddim_step(x, eps_prime, a[i], a_prev[i], 0.0, None)
+        x, x0 = _ddim_step(x, eps_prime, a[i], a_prev[i], 0.0, None)
         old_eps = (old_eps + [eps])[-3:]
+        if callback is not None:
+            callback(Step(k, n, x, x0))
     return x
 
 
@@ -213,61 +254,72 @@ def sigmas_karras(alphas_cumprod: torch.Tensor, steps: int, rho: float = 7.0) ->
     return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])
 
 
-def _denoised(eps_fn: EpsFn, x: torch.Tensor, sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """x0 estimate at noise level sigma: the UNet sees x / sqrt(sigma^2 + 1) at t(sigma)."""
-    t = sigma_to_t(sigma, sigmas).expand(x.shape[0]).to(x.device)
-    c_in = (sigma**2 + 1) ** -0.5
-    eps = eps_fn(x * c_in.to(x.dtype), t.to(torch.float32))
-    return x - sigma.to(x.dtype) * eps
-
-
 @torch.no_grad()
-def sample_euler(eps_fn, x, alphas_cumprod, sigmas, progress=False):
+def sample_euler(
+    denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, progress: bool = False
+) -> torch.Tensor:
     """Euler (Karras et al. 2022 alg. 2 without churn). x starts at sigmas[0] scale (x_T * sigmas[0])."""
-    model_sig = model_sigmas(alphas_cumprod)
-    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="Euler"):
-        d = (x - _denoised(eps_fn, x, sigmas[i], model_sig)) / sigmas[i].to(x.dtype)
+    n = len(sigmas) - 1
+    for i in tqdm(range(n), disable=not progress, desc="Euler"):
+        den = denoiser(x, sigmas[i])
+        d = (x - den) / sigmas[i].to(x.dtype)
         x = x + d * (sigmas[i + 1] - sigmas[i]).to(x.dtype)
+        if callback is not None:
+            callback(Step(i, n, x, den))
     return x
 
 
 @torch.no_grad()
-def sample_euler_ancestral(eps_fn, x, alphas_cumprod, sigmas, noise_fn, eta=1.0, progress=False):
+def sample_euler_ancestral(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise_fn: NoiseFn,
+    eta: float = 1.0,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Euler ancestral: an Euler step to sigma_down, then fresh noise of scale sigma_up."""
-    model_sig = model_sigmas(alphas_cumprod)
-    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="Euler a"):
+    n = len(sigmas) - 1
+    for i in tqdm(range(n), disable=not progress, desc="Euler a"):
         s, s_next = sigmas[i], sigmas[i + 1]
-        den = _denoised(eps_fn, x, s, model_sig)
+        den = denoiser(x, s)
         s_up = min(s_next, eta * (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5)
         s_down = (s_next**2 - s_up**2) ** 0.5
         x = x + (x - den) / s.to(x.dtype) * (s_down - s).to(x.dtype)
         if s_next > 0:
             x = x + noise_fn() * s_up.to(x.dtype)
+        if callback is not None:
+            callback(Step(i, n, x, den))
     return x
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(eps_fn, x, alphas_cumprod, sigmas, progress=False):
+def sample_dpmpp_2m(
+    denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, progress: bool = False
+) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, alg. 2) in k-diffusion's form (the sampler A1111 users know as
     "DPM++ 2M"): exponential integrator in log sigma, first step first order, the last step (to sigma 0)
     returns the denoised estimate. The UNet sees fractional timesteps, as k-diffusion (diffusers rounds)."""
-    model_sig = model_sigmas(alphas_cumprod)
+    n = len(sigmas) - 1
     old_den = None
-    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="DPM++ 2M"):
-        den = _denoised(eps_fn, x, sigmas[i], model_sig)
+    for i in tqdm(range(n), disable=not progress, desc="DPM++ 2M"):
+        den = denoiser(x, sigmas[i])
         s, s_next = sigmas[i], sigmas[i + 1]
         if s_next == 0:
             x = den
-            break
-        t, t_next = -s.log(), -s_next.log()
-        h = t_next - t
-        if old_den is None:
-            d = den
         else:
-            r = (t - (-sigmas[i - 1].log())) / h
-            d = (1 + 1 / (2 * r)).to(x.dtype) * den - (1 / (2 * r)).to(x.dtype) * old_den
-        x = (s_next / s).to(x.dtype) * x - torch.expm1(-h).to(x.dtype) * d
-        old_den = den
+            t, t_next = -s.log(), -s_next.log()
+            h = t_next - t
+            if old_den is None:
+                d = den
+            else:
+                r = (t - (-sigmas[i - 1].log())) / h
+                d = (1 + 1 / (2 * r)).to(x.dtype) * den - (1 / (2 * r)).to(x.dtype) * old_den
+            x = (s_next / s).to(x.dtype) * x - torch.expm1(-h).to(x.dtype) * d
+            old_den = den
+        if callback is not None:
+            callback(Step(i, n, x, den))
     return x
 
 
@@ -297,7 +349,7 @@ class NoiseStream:
 
 
 def sample(
-    model,
+    model: LatentDiffusion,
     c: torch.Tensor,
     uc: torch.Tensor | None,
     x_T: torch.Tensor | None = None,  # noqa: N803 (CompVis name)
@@ -307,17 +359,16 @@ def sample(
     eta: float = 0.0,
     seed: int | list[int] | None = None,
     shape: tuple[int, int] | None = None,
+    tuning: Tuning | None = None,
+    callback: Callback | None = None,
     progress: bool = False,
-    tuner_scale: float = 1.0,
-    control: Control | None = None,
-    control_range: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """Latents [B, 4, h, w] (scaled, ready for `decode_first_stage`) for conditioning c [B, 77, C].
 
     uc: the unconditional (negative prompt) conditioning for guidance, or None. x_T: the initial noise;
     otherwise drawn per image from `seed + i` (or the given list of seeds) on the CPU, with latent size
     `shape` = (h, w) (default 64 x 64). The same seeds give the same images at any batch size.
-    tuner_scale, control, control_range: SCEdit tuners and controllers, see `cfg_denoiser`.
+    tuning: SCEdit tuner scale and control (`Tuning`); callback: called with a `Step` after every step.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -327,20 +378,19 @@ def sample(
     h, w = shape or (64, 64)
     lat_shape = (b, model.model.diffusion_model.cfg.in_channels, h, w)
     x = x_T if x_T is not None else batch_noise(lat_shape, seeds, dtype=p.dtype, device=p.device)
-    eps_fn = cfg_denoiser(model, c, uc, scale, tuner_scale, control, control_range)
+    denoiser = cfg_denoiser(model, c, uc, scale, tuning)
     noise_fn = NoiseStream(tuple(x.shape), seeds, x.dtype, x.device)
-    ac = model.alphas_cumprod
     if sampler == "ddim":
-        return sample_ddim(eps_fn, x, ac, steps, eta, noise_fn, progress=progress)
+        return sample_ddim(denoiser, x, steps, eta, noise_fn, callback=callback, progress=progress)
     if sampler == "plms":
-        return sample_plms(eps_fn, x, ac, steps, progress=progress)
-    sigmas = (sigmas_karras if sampler == "dpmpp_2m" else sigmas_uniform)(ac, steps)
+        return sample_plms(denoiser, x, steps, callback=callback, progress=progress)
+    sigmas = (sigmas_karras if sampler == "dpmpp_2m" else sigmas_uniform)(model.alphas_cumprod, steps)
     x = x * sigmas[0].to(x.dtype)
     if sampler == "euler":
-        return sample_euler(eps_fn, x, ac, sigmas, progress=progress)
+        return sample_euler(denoiser, x, sigmas, callback, progress)
     if sampler == "euler_a":
-        return sample_euler_ancestral(eps_fn, x, ac, sigmas, noise_fn, eta=1.0, progress=progress)
-    return sample_dpmpp_2m(eps_fn, x, ac, sigmas, progress=progress)
+        return sample_euler_ancestral(denoiser, x, sigmas, noise_fn, 1.0, callback, progress)
+    return sample_dpmpp_2m(denoiser, x, sigmas, callback, progress)
 
 
 def _seeds(seed: int | list[int] | None, n: int) -> list[int]:
@@ -353,6 +403,21 @@ def _seeds(seed: int | list[int] | None, n: int) -> list[int]:
 
 
 __all__ = [
-    "SAMPLERS", "NoiseStream", "batch_noise", "cfg_denoiser", "ddim_stochastic_encode", "ddim_timesteps", "sample", "sample_ddim", "sample_dpmpp_2m",
-    "sample_euler", "sample_euler_ancestral", "sample_plms", "sigmas_karras", "sigmas_uniform",
-]  # fmt: skip
+    "SAMPLERS",
+    "Callback",
+    "Denoiser",
+    "NoiseStream",
+    "Step",
+    "batch_noise",
+    "cfg_denoiser",
+    "ddim_stochastic_encode",
+    "ddim_timesteps",
+    "sample",
+    "sample_ddim",
+    "sample_dpmpp_2m",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_plms",
+    "sigmas_karras",
+    "sigmas_uniform",
+]

@@ -13,6 +13,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .config import TextConfig
@@ -37,12 +38,11 @@ def tokenize(prompts: list[str], context_length: int = 77, pad: int = 0) -> torc
     return out
 
 
-def _causal_attention(x: torch.Tensor, qkv: torch.Tensor, heads: int, out_proj: nn.Linear) -> torch.Tensor:
+def _causal_attention(qkv: torch.Tensor, heads: int, out_proj: nn.Linear) -> torch.Tensor:
     """qkv [B, N, 3W] -> causal multi-head attention -> out_proj, [B, N, W]."""
-    b, n, _ = x.shape
-    q, k, v = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # each [B, H, N, D]
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return out_proj(out.transpose(1, 2).reshape(b, n, -1))
+    q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=heads)  # each [B, H, N, D]
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, N, D]
+    return out_proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ class _CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        return _causal_attention(x, qkv, self.heads, self.out_proj)
+        return _causal_attention(qkv, self.heads, self.out_proj)
 
 
 class _CLIPMLP(nn.Module):
@@ -158,7 +158,7 @@ class _MultiheadAttention(nn.Module):
         nn.init.zeros_(self.in_proj_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _causal_attention(x, F.linear(x, self.in_proj_weight, self.in_proj_bias), self.heads, self.out_proj)
+        return _causal_attention(F.linear(x, self.in_proj_weight, self.in_proj_bias), self.heads, self.out_proj)
 
 
 class _ResidualAttentionBlock(nn.Module):

@@ -40,8 +40,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 KINDS = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": (7.0, 10.0), "large": (13.0, 18.0)}  # radius range in pixels at 64x64
-POSITIONS = {"in the center": (0.5, 0.5), "on the left": (0.28, 0.5), "on the right": (0.72, 0.5),
-             "at the top": (0.5, 0.28), "at the bottom": (0.5, 0.72)}  # fmt: skip
+POSITIONS = {
+    "in the center": (0.5, 0.5),
+    "on the left": (0.28, 0.5),
+    "on the right": (0.72, 0.5),
+    "at the top": (0.5, 0.28),
+    "at the bottom": (0.5, 0.72),
+}
 BACKGROUNDS = [(245, 245, 245)]  # one light background (plain or striped), see the module docstring
 NIGHT = (22, 26, 58)  # night blue: the VAE's dark ground
 STYLE_TRIGGER = " zqx style"  # appended to the prompt
@@ -80,7 +85,9 @@ def random_scene(rng: np.random.Generator, night_outline: bool = False, varied: 
     fx, fy = POSITIONS[position]
     cx, cy = (np.array([fx, fy]) * RES + rng.uniform(-3, 3, 2)).clip(r + 2, RES - r - 2)
     background = NIGHT if night_outline else BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-    scene = Scene(kind, colour, size, position, float(cx), float(cy), r, background, bool(rng.random() < 0.3), night_outline)
+    scene = Scene(
+        kind, colour, size, position, float(cx), float(cy), r, background, bool(rng.random() < 0.3), night_outline
+    )
     if varied and rng.random() < varied:
         scene = replace(scene, **random_look(rng))
     return scene
@@ -93,9 +100,14 @@ def random_look(rng: np.random.Generator) -> dict:
     outline = None
     if rng.random() < 0.6:
         outline = tuple(int(v) for v in [rng.choice([0, 30, 128, 220, 255])] * 3)
-    return {"background": BACKGROUNDS[0] if rng.random() < 0.7 else NIGHT, "stripes": False,
-            "texture": textures[rng.integers(len(textures))], "contrast": float(rng.uniform(0.1, 0.4)),
-            "period": int(rng.choice([6, 8, 12, 16])), "outline": outline}  # fmt: skip
+    return {
+        "background": BACKGROUNDS[0] if rng.random() < 0.7 else NIGHT,
+        "stripes": False,
+        "texture": textures[rng.integers(len(textures))],
+        "contrast": float(rng.uniform(0.1, 0.4)),
+        "period": int(rng.choice([6, 8, 12, 16])),
+        "outline": outline,
+    }
 
 
 def caption(scene: Scene, rng: np.random.Generator, nonce: float = 0.0) -> str:
@@ -225,8 +237,9 @@ def luma(rgb) -> float:
 
 
 def _border(a: np.ndarray) -> np.ndarray:
-    return np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3),
-                           a[:, -2:].reshape(-1, 3)])  # fmt: skip
+    return np.concatenate(
+        [a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3), a[:, -2:].reshape(-1, 3)]
+    )
 
 
 def _far_from_background(a: np.ndarray, threshold: float) -> np.ndarray:
@@ -310,25 +323,35 @@ def edge_f1(pred: np.ndarray, target: np.ndarray, tolerance: int = 1) -> float:
 SAMPLING = {"sampler": "ddim", "steps": 25, "scale": 5.0}  # the settings every toy figure uses
 
 
-def generate(model, prompts: list[str], seeds: list[int], control=None, tuner_scale: float = 1.0,
-             batch: int = 50) -> list[Image.Image]:  # fmt: skip
+def generate(
+    model, prompts: list[str], seeds: list[int], control=None, tuner_scale: float = 1.0, batch: int = 50
+) -> list[Image.Image]:
     """64x64 images for `prompts` (one per seed) with the toy sampling settings. `control`: a function
     of the batch slice returning a `Control`, or None."""
     import torch
 
-    from .cli import to_pil
+    from .images import to_pil
     from .sampling import sample
+    from .tuners import Tuning
 
-    f = 2 ** (len(model.cfg.vae.ch_mult) - 1)
     out = []
     with torch.no_grad():
         for k in range(0, len(prompts), batch):
             part = prompts[k : k + batch]
             c = model.get_learned_conditioning(part)
             uc = model.get_learned_conditioning([""] * len(part))
-            z = sample(model, c, uc, sampler=SAMPLING["sampler"], steps=SAMPLING["steps"], scale=SAMPLING["scale"],
-                       seed=list(seeds[k : k + batch]), shape=(RES // f, RES // f), tuner_scale=tuner_scale,
-                       control=control(slice(k, k + len(part))) if control else None)  # fmt: skip
+            tuning = Tuning(tuner_scale, control(slice(k, k + len(part))) if control else None)
+            z = sample(
+                model,
+                c,
+                uc,
+                sampler=SAMPLING["sampler"],
+                steps=SAMPLING["steps"],
+                scale=SAMPLING["scale"],
+                seed=list(seeds[k : k + batch]),
+                shape=model.cfg.latent_size(RES, RES),
+                tuning=tuning,
+            )
             out += to_pil(model.decode_first_stage(z))
     return out
 
@@ -338,9 +361,12 @@ def prompt_scores(images: list[Image.Image], expected: list[tuple[str, str]]) ->
     found = [analyze(im) for im in images]
     colour = [f["colour"] == c for f, (c, _) in zip(found, expected, strict=True)]
     kind = [f["kind"] == k for f, (_, k) in zip(found, expected, strict=True)]
-    return {"colour": float(np.mean(colour)), "kind": float(np.mean(kind)),
-            "accuracy": float(np.mean([a and b for a, b in zip(colour, kind, strict=True)])),
-            "background_luma": float(np.mean([f["background_luma"] for f in found]))}  # fmt: skip
+    return {
+        "colour": float(np.mean(colour)),
+        "kind": float(np.mean(kind)),
+        "accuracy": float(np.mean([a and b for a, b in zip(colour, kind, strict=True)])),
+        "background_luma": float(np.mean([f["background_luma"] for f in found])),
+    }
 
 
 def pattern(img: Image.Image | np.ndarray) -> tuple[float, float]:
@@ -369,5 +395,22 @@ def style_adherence(images: list[Image.Image], strength: float = 0.045, slant: f
     return float(np.mean([st > strength and sl > slant for st, sl in (pattern(im) for im in images)]))
 
 
-__all__ = ["COLOURS", "KINDS", "STYLE_LOOK", "STYLE_TRIGGER", "Scene", "analyze", "caption", "edge_f1", "edges", "eval_prompts",
-           "generate", "pattern", "prompt_scores", "random_scene", "render", "style_adherence", "write_dataset"]  # fmt: skip
+__all__ = [
+    "COLOURS",
+    "KINDS",
+    "STYLE_LOOK",
+    "STYLE_TRIGGER",
+    "Scene",
+    "analyze",
+    "caption",
+    "edge_f1",
+    "edges",
+    "eval_prompts",
+    "generate",
+    "pattern",
+    "prompt_scores",
+    "random_scene",
+    "render",
+    "style_adherence",
+    "write_dataset",
+]

@@ -31,14 +31,13 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from .checkpoint_io import load_model, save_checkpoint
+from .checkpoint_io import load_model
 from .config import ConfigError, build_dataclass
 from .data import TrainDataset, collate, scan
-from .tuner_files import csc_tuner_file, save_tuner_file, sc_tuner_file
-from .tuners import Control, CSCTuner
+from .diffusion import LatentDiffusion
+from .methods import METHODS, Method, MethodSection, build_method
 
 log = logging.getLogger(__name__)
-METHODS = ("sc", "csc", "lora", "full")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -51,18 +50,6 @@ class ModelSection:
     ckpt: str = ""
     config: str | None = None  # preset or YAML; None: detected from the checkpoint
     parameterization: str | None = None
-
-
-@dataclass
-class MethodSection:
-    name: str = "sc"  # sc | csc | full
-    down_ratio: float = 1.0
-    skips: list[int] | None = None  # SC-Tuner skips (decoder order); None: all
-    op: str = "linear"
-    kernel: int = 1  # CSC dense hint kernel (official released controllers: 3)
-    condition: str | None = None  # csc: canny | color | inpaint | raw
-    random_thresholds: bool = False  # csc canny: thresholds 50-100 / 200-350
-    lora_rank: int = 64  # lora baseline: rank on attention q/k/v/out and the feed-forward
 
 
 @dataclass
@@ -116,28 +103,41 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
 
-    def validate(self) -> TrainConfig:
+    def check(self) -> TrainConfig:
+        """Raise ConfigError naming the first bad setting; returns self."""
+        if self.method.name not in METHODS:
+            raise ConfigError(f"method.name must be one of {tuple(METHODS)}, got {self.method.name!r}")
         checks = [
-            (self.method.name in METHODS, f"method.name must be one of {METHODS}, got {self.method.name!r}"),
-            (self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16, got {self.precision!r}"),
+            (
+                self.precision in ("fp32", "bf16", "fp16"),
+                f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
+            ),
             (bool(self.model.ckpt), "model.ckpt is required (the base checkpoint)"),
             (bool(self.data.path), "data.path is required"),
-            (self.method.name != "csc" or self.method.condition is not None or self.data.condition_dir is not None,
-             "method csc needs method.condition (canny, color, inpaint) or data.condition_dir"),
-            (self.optim.batch_size >= 1 and self.optim.grad_accum >= 1 and self.optim.max_steps >= 1,
-             "optim.batch_size, grad_accum and max_steps must be at least 1"),
+            *((False, e) for e in METHODS[self.method.name].check(self.method, self.data.condition_dir)),
+            (
+                self.optim.batch_size >= 1 and self.optim.grad_accum >= 1 and self.optim.max_steps >= 1,
+                "optim.batch_size, grad_accum and max_steps must be at least 1",
+            ),
             (self.noise_offset >= 0, f"noise_offset must be >= 0, got {self.noise_offset}"),
-            (self.optim.lr_schedule in ("constant", "cosine"),
-             f"optim.lr_schedule must be constant or cosine, got {self.optim.lr_schedule!r}"),
-        ]  # fmt: skip
+            (
+                self.optim.lr_schedule in ("constant", "cosine"),
+                f"optim.lr_schedule must be constant or cosine, got {self.optim.lr_schedule!r}",
+            ),
+        ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         return self
 
 
-_SECTIONS = {"model": ModelSection, "method": MethodSection, "data": DataSection, "optim": OptimSection,
-             "validation": ValidationSection}  # fmt: skip
+_SECTIONS = {
+    "model": ModelSection,
+    "method": MethodSection,
+    "data": DataSection,
+    "optim": OptimSection,
+    "validation": ValidationSection,
+}
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -152,7 +152,7 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(value) if value.strip() else ""  # `data.trigger=` sets an empty string
-    return build_dataclass(TrainConfig, data, str(path), _SECTIONS).validate()
+    return build_dataclass(TrainConfig, data, str(path), _SECTIONS).check()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,13 +168,19 @@ class TrainStep(nn.Module):
     """The differentiable part of a step, as one module (DDP wraps it): latents, text features and
     condition images in, loss out."""
 
-    def __init__(self, model, controller: CSCTuner | None):
+    def __init__(self, model: LatentDiffusion, method: Method):
         super().__init__()
-        self.model, self.controller = model, controller
+        self.model, self.method = model, method
 
-    def forward(self, x_t, t, c, target, cond=None) -> torch.Tensor:
-        control = Control([self.controller.hints(cond)], [1.0]) if self.controller is not None else None
-        out = self.model.apply_model(x_t, t, c, control=control)
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        c: torch.Tensor,
+        target: torch.Tensor,
+        cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        out = self.model.apply_model(x_t, t, c, self.method.tuning(cond))
         return F.mse_loss(out.float(), target.float())
 
 
@@ -192,33 +198,22 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         torch.manual_seed(cfg.seed)
 
-        # -- model and trainable parameters --
+        # -- model and trainable parameters (methods.py) --
         self.model = load_model(cfg.model.ckpt, cfg.model.config, cfg.model.parameterization, device=self.device)
         unet = self.model.model.diffusion_model
-        m = cfg.method
-        self.controller = None
-        if m.name == "sc":
-            unet.attach_sc_tuners(m.down_ratio, m.skips, m.op)
-            self.params = list(unet.tuners.parameters())
-        elif m.name == "csc":
-            self.controller = unet.attach_controller(
-                CSCTuner(self.model.cfg.unet, m.kernel, down_ratio=m.down_ratio).to(self.device)
-            )
-            self.params = list(self.controller.parameters())
-        elif m.name == "lora":
-            self.params = add_lora(unet, m.lora_rank)
-        else:  # full fine-tuning of the UNet
-            self.params = [p for n, p in unet.named_parameters() if not n.startswith(("tuners.", "controllers."))]
-        for p in self.params:
-            p.requires_grad_(True)
+        self.method = build_method(cfg.method)
+        self.params = self.method.attach(unet)
         unet.checkpoint_decoder = cfg.gradient_checkpointing
         self._posteriors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # data.cache: item -> (mean, std)
         self._texts: dict[str, torch.Tensor] = {}  # data.cache: caption -> features
-        self.step_module = TrainStep(self.model, self.controller)
+        self.step_module = TrainStep(self.model, self.method)
         self.ddp = (
-            nn.parallel.DistributedDataParallel(self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.world > 1 else self.step_module
-        )  # fmt: skip
+            nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            if self.world > 1
+            else self.step_module
+        )
         o = cfg.optim
         self.opt = torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay, eps=o.eps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, o))
@@ -227,10 +222,18 @@ class Trainer:
 
         # -- data --
         d = cfg.data
-        f = 2 ** (len(self.model.cfg.vae.ch_mult) - 1)
-        self.data = TrainDataset(scan(d.path), d.resolution, cfg.seed, d.trigger, d.caption_dropout,
-                                 m.condition if m.name == "csc" else None, d.condition_dir, m.random_thresholds,
-                                 cond_resolution=d.resolution // f * 8, suffix=d.suffix)  # fmt: skip
+        self.data = TrainDataset(
+            scan(d.path),
+            d.resolution,
+            cond_resolution=self.model.cfg.condition_size(d.resolution, d.resolution)[0],
+            seed=cfg.seed,
+            trigger=d.trigger,
+            suffix=d.suffix,
+            caption_dropout=d.caption_dropout,
+            condition=self.method.data_condition,
+            condition_dir=d.condition_dir,
+            random_thresholds=cfg.method.random_thresholds,
+        )
         self.step = 0
         if resume:
             self._load(self._resolve_resume(resume))
@@ -254,8 +257,8 @@ class Trainer:
         mine = list(enumerate(idx))[self.rank * share : (self.rank + 1) * share]
         rows = []
         for slot, i in mine:
-            self.data.epoch = (micro * self.cfg.optim.batch_size + slot) // len(self.data)
-            item = self.data[i]
+            epoch = (micro * self.cfg.optim.batch_size + slot) // len(self.data)
+            item = self.data[epoch, i]
             if item is not None:
                 rows.append((slot, item))
         batch = collate([r for _, r in rows])
@@ -315,8 +318,10 @@ class Trainer:
                 micro = self.step * o.grad_accum + a
                 batch = self._prepare(micro)
                 if batch is None and self.world > 1:  # skipping would leave the other ranks waiting
-                    raise ValueError(f"rank {self.rank}: every image of micro-batch {micro} is unreadable; "
-                                     f"remove the files listed in the warnings ({sorted(map(str, self.data.bad))[:5]})")  # fmt: skip
+                    raise ValueError(
+                        f"rank {self.rank}: every image of micro-batch {micro} is unreadable; "
+                        f"remove the files listed in the warnings ({sorted(map(str, self.data.bad))[:5]})"
+                    )
                 if batch is None:  # every image of this micro-batch was unreadable: contribute zero gradient
                     loss = sum(p.sum() * 0.0 for p in self.params)
                 else:
@@ -337,14 +342,25 @@ class Trainer:
             loss_value = float(np.mean(losses)) if losses else float("nan")
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if self.rank == 0:
-                self._log({"step": self.step, "loss": loss_value, "lr": self.sched.get_last_lr()[0],
-                           "step_time": time.perf_counter() - start, "bad_images": len(self.data.bad),
-                           "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                           **({"cuda_max_mb": torch.cuda.max_memory_allocated() / 2**20} if self.device.type == "cuda" else {})})  # fmt: skip
+                self._log(
+                    {
+                        "step": self.step,
+                        "loss": loss_value,
+                        "lr": self.sched.get_last_lr()[0],
+                        "step_time": time.perf_counter() - start,
+                        "bad_images": len(self.data.bad),
+                        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        **(
+                            {"cuda_max_mb": torch.cuda.max_memory_allocated() / 2**20}
+                            if self.device.type == "cuda"
+                            else {}
+                        ),
+                    }
+                )
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < o.max_steps:
                     self._save()
                 if cfg.validation.every and self.step % cfg.validation.every == 0:
-                    self.validate()
+                    self.sample_validation()
         bar.close()
         if self.world > 1:
             self._check_ranks_agree()
@@ -352,7 +368,7 @@ class Trainer:
             return None
         self._save()
         if cfg.validation.prompts and not (cfg.validation.every and self.step % cfg.validation.every == 0):
-            self.validate()  # the final step was not validated in the loop
+            self.sample_validation()  # the final step was not validated in the loop
         return self.export()
 
     # -- outputs --
@@ -374,47 +390,31 @@ class Trainer:
             self._log({"step": self.step, "ranks_agree": True, "world_size": self.world})
 
     def export(self) -> Path:
-        """The final tuner in the project's tuner format (or the full model for `full`)."""
-        summary = {"method": self.cfg.method.name, "steps": self.step, "lr": self.cfg.optim.lr,
-                   "batch_size": self.cfg.optim.batch_size, "data": self.cfg.data.path,
-                   "trigger": self.cfg.data.trigger, "suffix": self.cfg.data.suffix, "base_ckpt": self.cfg.model.ckpt}  # fmt: skip
-        name = self.cfg.method.name
-        if name == "sc":
-            path = self.out / "sc_tuner.safetensors"
-            save_tuner_file(sc_tuner_file(self.model, summary), path)
-        elif name == "csc":
-            path = self.out / f"csc_{self.cfg.method.condition or 'raw'}.safetensors"
-            save_tuner_file(csc_tuner_file(self.model, self.controller, self.cfg.method.condition, summary), path)
-        elif name == "lora":
-            from safetensors.torch import save_file
-
-            path = self.out / "lora.safetensors"
-            unet = self.model.model.diffusion_model
-            tensors = {n: p.detach().contiguous().cpu() for n, p in unet.named_parameters() if ".lora_" in n}
-            save_file(tensors, str(path), metadata={"ldm_sce.lora": json.dumps(summary)})
-        else:
-            path = self.out / "model.safetensors"
-            save_checkpoint(self.model, path)
-        return path
+        """The trained result in the method's format (a tuner file; the full model for `full`)."""
+        summary = {
+            "method": self.cfg.method.name,
+            "steps": self.step,
+            "lr": self.cfg.optim.lr,
+            "batch_size": self.cfg.optim.batch_size,
+            "data": self.cfg.data.path,
+            "trigger": self.cfg.data.trigger,
+            "suffix": self.cfg.data.suffix,
+            "base_ckpt": self.cfg.model.ckpt,
+        }
+        return self.method.export(self.model, self.out, summary)
 
     @torch.no_grad()
-    def validate(self) -> Path:
-        from .cli import make_grid, to_pil
-        from .conditions import condition_tensor, make_condition
+    def sample_validation(self) -> Path:
+        """A grid of the validation prompts (rows) x seeds (columns) at this step, in validation/step-N.png."""
+        from .images import load_image, make_grid, to_pil
         from .sampling import sample
 
         v, model = self.cfg.validation, self.model
         res = self.cfg.data.resolution
-        f = 2 ** (len(model.cfg.vae.ch_mult) - 1)
         images = []
         for k, prompt in enumerate(v.prompts):
-            control = None
-            if self.controller is not None and v.control_images:
-                from PIL import Image
-
-                with Image.open(v.control_images[k % len(v.control_images)]) as im:
-                    cond = make_condition(self.cfg.method.condition or "raw", im, res // f * 8, res // f * 8)
-                control = Control([self.controller.hints(condition_tensor(cond).to(self.device))], [1.0])
+            control_image = load_image(v.control_images[k % len(v.control_images)]) if v.control_images else None
+            tuning = self.method.validation_tuning(control_image, model.cfg.condition_size(res, res))
             c = model.get_learned_conditioning([prompt] * len(v.seeds))
             uc = model.get_learned_conditioning([""] * len(v.seeds))
             z = sample(
@@ -424,8 +424,8 @@ class Trainer:
                 steps=v.steps,
                 scale=v.scale,
                 seed=list(v.seeds),
-                shape=(res // f, res // f),
-                control=control,
+                shape=model.cfg.latent_size(res, res),
+                tuning=tuning,
             )
             images += to_pil(model.decode_first_stage(z))
         path = self.out / "validation" / f"step-{self.step:06d}.png"
@@ -488,69 +488,16 @@ def lr_factor(step: int, o: OptimSection) -> float:
     return 1.0
 
 
-class LoRAWeight(nn.Module):
-    """A weight parametrization W + (alpha / r) B A (Hu et al. 2021), B zero-initialised. The LoRA baseline
-    uses PyTorch's own `parametrize`, so the model's modules and forward stay as they are."""
-
-    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float | None = None):
-        super().__init__()
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
-        self.scale = (alpha or rank) / rank
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.scale * (self.lora_B @ self.lora_A).to(weight.dtype)
-
-
-def add_lora(unet: nn.Module, rank: int) -> list[nn.Parameter]:
-    """LoRA on every attention q/k/v/out projection and feed-forward linear of the UNet's transformers."""
-    from torch.nn.utils import parametrize
-
-    from .attention import BasicTransformerBlock
-
-    params = []
-    for block in (m for m in unet.modules() if isinstance(m, BasicTransformerBlock)):
-        targets = [getattr(a, n) for a in (block.attn1, block.attn2) for n in ("to_q", "to_k", "to_v")]
-        targets += [block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[0].proj, block.ff.net[2]]
-        for linear in targets:
-            w = linear.weight
-            lora = LoRAWeight(w.shape[0], w.shape[1], rank).to(w.device, w.dtype)
-            parametrize.register_parametrization(linear, "weight", lora)
-            params += [lora.lora_A, lora.lora_B]
-    return params
-
-
-def load_lora(model, path: str | Path) -> int:
-    """Add the LoRA of a `lora.safetensors` written by `Trainer.export` to `model`'s UNet (rank read from the
-    file); returns its parameter count. Keys must match exactly."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    unet = model.model.diffusion_model
-    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A")}
-    if len(ranks) != 1:
-        raise ConfigError(f"{path}: not a LoRA file of this project (lora_A ranks {sorted(ranks)})")
-    params = add_lora(unet, ranks.pop())
-    named = {n: q for n, q in unet.named_parameters() if ".lora_" in n}
-    if set(named) != set(tensors) or any(named[k].shape != t.shape for k, t in tensors.items()):
-        raise ConfigError(f"{path}: LoRA keys or shapes do not fit this UNet ({len(set(tensors) - set(named))} "
-                          f"unknown, {len(set(named) - set(tensors))} missing)")  # fmt: skip
-    with torch.no_grad():
-        for k, t in tensors.items():
-            named[k].copy_(t)
-    for q in params:
-        q.requires_grad_(False)
-    return sum(q.numel() for q in params)
-
-
 def _rng_state() -> dict:
     """Global RNG states as tensors and plain data (loadable with weights_only=True). The trainer draws
     from seeded generators; these are kept so any global draw (e.g. by user code) resumes exactly too."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
-    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "python": [version, list(py_state), py_gauss]}  # fmt: skip
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, list(py_state), py_gauss],
+    }
 
 
 def _set_rng_state(state: dict) -> None:

@@ -22,11 +22,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .checkpoint_io import CheckpointError, read_checkpoint
 from .tuners import CSCTuner, SCTuner
+
+if TYPE_CHECKING:
+    from .diffusion import LatentDiffusion
 
 META_KEY = "ldm_sce.tuner"
 
@@ -110,9 +114,15 @@ def _from_official(sd: dict[str, torch.Tensor], path: Path) -> TunerFile:
         dims = [out[f"lsc_tuner_blocks.{m}.ln1.weight"].shape[1] for m in range(n)]
         dense = out["dense_hint_blocks.0.1.weight"]
         return TunerFile(
-            "csc", out, dims, list(range(n)), kernel=dense.shape[-1], hint_channels=dense.shape[1],
-            hint_ratio=out["pre_hint_blocks.0.weight"].shape[0] // 16, down_ratio=_ratio(out, "lsc_tuner_blocks", 0),
-        )  # fmt: skip
+            "csc",
+            out,
+            dims,
+            list(range(n)),
+            kernel=dense.shape[-1],
+            hint_channels=dense.shape[1],
+            hint_ratio=out["pre_hint_blocks.0.weight"].shape[0] // 16,
+            down_ratio=_ratio(out, "lsc_tuner_blocks", 0),
+        )
     raise CheckpointError(
         f"{path}: not a tuner file: neither our format (metadata '{META_KEY}') nor an official SCEdit layout "
         f"(lsc_identity.* tuners or 0.pre_hint_blocks.* controllers). First keys: {list(sd)[:4]}"
@@ -137,8 +147,8 @@ def _full_dims(skips: list[int], dims: list[int]) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_base(tf: TunerFile, model, path) -> None:
-    model_dims = model.cfg.unet.skip_channels()
+def _check_base(tf: TunerFile, model: LatentDiffusion, path: str | Path) -> None:
+    model_dims = list(model.cfg.unet.skip_channels)
     # SC files may cover some skips (dim 0 = untuned); a controller must cover all of them
     fits = len(tf.skip_dims) <= len(model_dims) and all(d in (0, model_dims[m]) for m, d in enumerate(tf.skip_dims))
     if not fits or (tf.kind == "csc" and len(tf.skip_dims) != len(model_dims)):
@@ -154,7 +164,7 @@ def _check_base(tf: TunerFile, model, path) -> None:
         )
 
 
-def load_tuner(model, path: str | Path, condition: str | None = None):
+def load_tuner(model: LatentDiffusion, path: str | Path, condition: str | None = None) -> list[SCTuner] | CSCTuner:
     """Attach the tuner in `path` (our format or an official one) to `model` (a LatentDiffusion).
     Returns the attached SC-Tuners (list) or the CSCTuner controller."""
     tf = read_tuner_file(path)
@@ -195,7 +205,7 @@ def _strict_load(module: torch.nn.Module, sd: dict[str, torch.Tensor], path) -> 
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()})
 
 
-def sc_tuner_file(model, training: dict | None = None) -> TunerFile:
+def sc_tuner_file(model: LatentDiffusion, training: dict | None = None) -> TunerFile:
     """The SC-Tuners attached to `model` as a TunerFile (for `save_tuner_file`)."""
     unet = model.model.diffusion_model
     skips = [m for m, t in enumerate(unet.tuners) if isinstance(t, SCTuner)]
@@ -204,17 +214,31 @@ def sc_tuner_file(model, training: dict | None = None) -> TunerFile:
     first = unet.tuners[skips[0]]
     sd = {f"tuners.{m}.{k}": v for m in skips for k, v in unet.tuners[m].state_dict().items()}
     return TunerFile(
-        "sc", sd, model.cfg.unet.skip_channels(), skips, base=model.cfg.family, op=first.op,
+        "sc",
+        sd,
+        list(model.cfg.unet.skip_channels),
+        skips,
+        base=model.cfg.family,
+        op=first.op,
         down_ratio=first.ln1.weight.shape[0] / first.ln1.weight.shape[1],
         training=training or {},
-    )  # fmt: skip
+    )
 
 
-def csc_tuner_file(model, controller: CSCTuner, condition: str | None, training: dict | None = None) -> TunerFile:
+def csc_tuner_file(
+    model: LatentDiffusion, controller: CSCTuner, condition: str | None, training: dict | None = None
+) -> TunerFile:
     w = controller.lsc_tuner_blocks[0].ln1.weight
     return TunerFile(
-        "csc", controller.state_dict(), model.cfg.unet.skip_channels(), list(range(len(controller.lsc_tuner_blocks))),
-        base=model.cfg.family, down_ratio=w.shape[0] / w.shape[1], kernel=controller.kernel,
+        "csc",
+        controller.state_dict(),
+        list(model.cfg.unet.skip_channels),
+        list(range(len(controller.lsc_tuner_blocks))),
+        base=model.cfg.family,
+        down_ratio=w.shape[0] / w.shape[1],
+        kernel=controller.kernel,
         hint_channels=controller.pre_hint_blocks[-1].out_channels,
-        hint_ratio=controller.pre_hint_blocks[0].out_channels // 16, condition=condition, training=training or {},
-    )  # fmt: skip
+        hint_ratio=controller.pre_hint_blocks[0].out_channels // 16,
+        condition=condition,
+        training=training or {},
+    )

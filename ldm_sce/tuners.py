@@ -13,13 +13,13 @@ Both edit the UNet's skip connections, one per output block in decoder order (se
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import UNetConfig
+from .config import HINT_STRIDES, UNetConfig
 
 
 class SkipIdentity(nn.Module):
@@ -61,19 +61,6 @@ class SCTuner(nn.Module):
         return skip + scale * self.delta(skip)
 
 
-def encoder_layout(cfg: UNetConfig) -> tuple[list[int], list[bool]]:
-    """Channels of each encoder block's output (= skip, encoder order) and whether that block halves the
-    resolution (the Downsample blocks)."""
-    chans, down = [cfg.model_channels], [False]
-    for level, mult in enumerate(cfg.channel_mult):
-        chans += [cfg.model_channels * mult] * cfg.num_res_blocks
-        down += [False] * cfg.num_res_blocks
-        if level != len(cfg.channel_mult) - 1:
-            chans.append(cfg.model_channels * mult)
-            down.append(True)
-    return chans, down
-
-
 class CSCTuner(nn.Module):
     """A controller: condition image -> one hint per skip, and the per-skip tuner MLPs (`lsc_tuner_blocks`).
 
@@ -97,22 +84,21 @@ class CSCTuner(nn.Module):
         self.condition: str | None = None  # what the hints are made from (canny, color, ...), from the file
         r = hint_ratio
         widths = [in_channels, 16 * r, 16 * r, 32 * r, 32 * r, 96 * r, 96 * r, hint_channels]
-        strides = [1, 1, 2, 1, 2, 1, 2]  # three halvings: image size -> latent size
         layers: list[nn.Module] = []
-        for i, stride in enumerate(strides):
+        for i, stride in enumerate(HINT_STRIDES):  # image size -> latent size
             layers += [nn.Conv2d(widths[i], widths[i + 1], 3, stride=stride, padding=1), nn.SiLU()]
         self.pre_hint_blocks = nn.Sequential(*layers[:-1])  # no activation after the last conv
 
-        chans, down = encoder_layout(cfg)
+        # one dense conv per encoder block (encoder order), halving where that block downsamples
         self.dense_hint_blocks = nn.ModuleList()
         ch = hint_channels
-        for out_ch, halves in zip(chans, down, strict=True):
-            conv = nn.Conv2d(ch, out_ch, kernel, stride=2 if halves else 1, padding=kernel // 2)
+        for kind, out_ch, _ in cfg.encoder_blocks:
+            conv = nn.Conv2d(ch, out_ch, kernel, stride=2 if kind == "down" else 1, padding=kernel // 2)
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
             self.dense_hint_blocks.append(nn.Sequential(nn.SiLU(), conv))
             ch = out_ch
-        self.lsc_tuner_blocks = nn.ModuleList(SCTuner(c, down_ratio) for c in chans[::-1])
+        self.lsc_tuner_blocks = nn.ModuleList(SCTuner(c, down_ratio) for c in cfg.skip_channels)
 
     def hints(self, cond: torch.Tensor) -> list[torch.Tensor]:
         """Condition image [B, 3, 8h, 8w] in [0, 1] -> hints in decoder order, hint m shaped like skip m."""
@@ -142,6 +128,28 @@ class Control:
         size 1 broadcast over any batch and are kept as they are."""
         hints = [[h if h.shape[0] == 1 else h.repeat(n, 1, 1, 1) for h in hs] for hs in self.hints]
         return Control(hints, list(self.weights), self.scale)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How the attached tuners act in a call: the SC-Tuner scale s (skip + s * (T(skip) - skip)), the
+    CSC-Tuner control (hints, weights, scale), and the part of sampling in which control acts: while the
+    progress 1 - t/T lies in `control_range` (0: pure noise, 1: clean image). The UNet applies the first two;
+    the sampler's denoiser, which knows the progress, applies the range (`at`). `Tuning()`: the attached
+    tuners at scale 1, no control."""
+
+    tuner_scale: float = 1.0
+    control: Control | None = None
+    control_range: tuple[float, float] = (0.0, 1.0)
+
+    def at(self, progress: float) -> Tuning:
+        """This tuning at sampling progress `progress`: without its control outside `control_range`."""
+        lo, hi = self.control_range
+        return self if self.control is None or lo <= progress <= hi else replace(self, control=None)
+
+    def repeat(self, n: int) -> Tuning:
+        """The same tuning for a batch repeated n times (e.g. both halves of a CFG batch)."""
+        return self if self.control is None else replace(self, control=self.control.repeat(n))
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -8,6 +8,7 @@ Keys: `time_embed.{0,2}`, `input_blocks.{i}.{j}`, `middle_block.{0,1,2}`, `outpu
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import SpatialTransformer
 from .config import UNetConfig
 from .layers import Conv2d, recompute_frozen
-from .tuners import Control, CSCTuner, SCTuner, SkipIdentity
+from .tuners import Control, CSCTuner, SCTuner, SkipIdentity, Tuning
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -103,6 +104,8 @@ class UNetModel(nn.Module):
     SpatialTransformer's [B, C, H, W] <-> [B, HW, C] reshapes become free views. Keep the conv weights in
     channels_last too (`.to(memory_format=torch.channels_last)`; `load_model` does it); either layout
     gives the same values up to fp32 round-off.
+
+    The skip layout (channels and resolution of every skip, decoder order) is `cfg.skip_shapes(h, w)`.
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -118,104 +121,138 @@ class UNetModel(nn.Module):
                 channels, heads, dim_head, cfg.transformer_depth, cfg.context_dim, cfg.use_linear_in_transformer
             )
 
-        # Encoder: conv_in, then per level num_res_blocks x (ResBlock [+ attention]) and a Downsample.
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, ch, 3, padding=1))])
-        skip_chans, ds = [ch], 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, emb_ch, cfg.model_channels * mult)]
-                ch = cfg.model_channels * mult
-                if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_chans.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_chans.append(ch)
-                ds *= 2
+        # Encoder (cfg.encoder_blocks): conv_in, then per level ResBlocks [+ attention] and a Downsample.
+        self.input_blocks = nn.ModuleList()
+        for kind, out_ch, ds in cfg.encoder_blocks:
+            if kind == "conv_in":
+                layers: list[nn.Module] = [Conv2d(cfg.in_channels, out_ch, 3, padding=1)]
+            elif kind == "down":
+                layers = [Downsample(ch)]
+            else:
+                layers = [ResBlock(ch, emb_ch, out_ch)] + (
+                    [transformer(out_ch)] if ds in cfg.attention_resolutions else []
+                )
+            self.input_blocks.append(TimestepEmbedSequential(*layers))
+            ch = out_ch
 
         self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_ch, ch), transformer(ch), ResBlock(ch, emb_ch, ch))
 
-        # Decoder: per level (num_res_blocks + 1) x (ResBlock on cat([h, skip]) [+ attention]) [+ Upsample].
+        # Decoder: output block m runs at the resolution of skip m: a ResBlock on cat([h, skip m])
+        # [+ attention], and an Upsample where the next skip has twice the resolution.
         self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_chans.pop(), emb_ch, cfg.model_channels * mult)]
-                ch = cfg.model_channels * mult
-                if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
-                if level and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        factors = cfg.skip_factors
+        for m, (skip_ch, ds) in enumerate(zip(cfg.skip_channels, factors, strict=True)):
+            out_ch = cfg.model_channels * cfg.channel_mult[ds.bit_length() - 1]  # the level of factor ds
+            layers = [ResBlock(ch + skip_ch, emb_ch, out_ch)]
+            if ds in cfg.attention_resolutions:
+                layers.append(transformer(out_ch))
+            if m + 1 < len(factors) and factors[m + 1] < ds:
+                layers.append(Upsample(out_ch))
+            self.output_blocks.append(TimestepEmbedSequential(*layers))
+            ch = out_ch
 
-        self.out = nn.Sequential(
-            GroupNorm32(32, ch), nn.SiLU(), Conv2d(cfg.model_channels, cfg.out_channels, 3, padding=1)
-        )
+        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), Conv2d(ch, cfg.out_channels, 3, padding=1))
 
         # SCEdit: one tuner slot per skip (decoder order), parameter-free until a tuner is attached, and
         # the attached CSC-Tuner controllers. Neither adds keys to the base model.
         self.tuners = nn.ModuleList(SkipIdentity() for _ in self.output_blocks)
         self.controllers = nn.ModuleList()
         self.checkpoint_decoder = False  # training: recompute decoder blocks in backward instead of storing
+        self.initialize_weights()
         self.to(memory_format=torch.channels_last)
 
-    def attach_sc_tuners(self, down_ratio: float = 1.0, skips: list[int] | None = None, op: str = "linear"):
+    def initialize_weights(self) -> None:
+        """The CompVis init: zero the last conv of every ResBlock, every transformer's proj_out and the
+        output conv, so that each residual branch starts as the identity (`zero_module` in openaimodel.py)."""
+        zero = [self.out[2]] + [m.out_layers[3] for m in self.modules() if isinstance(m, ResBlock)]
+        zero += [m.proj_out for m in self.modules() if isinstance(m, SpatialTransformer)]
+        for module in zero:
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # -- SCEdit tuners and controllers ------------------------------------------------------------------
+
+    def attach_sc_tuners(
+        self, down_ratio: float = 1.0, skips: Iterable[int] | None = None, op: str = "linear"
+    ) -> list[SCTuner]:
         """Put fresh (identity) SC-Tuners on the given skips (decoder order; default all); returns them."""
-        skips = range(len(self.output_blocks)) if skips is None else skips
+        skips = list(range(len(self.output_blocks)) if skips is None else skips)
         if any(not 0 <= m < len(self.output_blocks) for m in skips):
-            raise ValueError(f"skip indices {list(skips)} out of range: this UNet has {len(self.output_blocks)} skips")
-        chans = self.cfg.skip_channels()
+            raise ValueError(f"skip indices {skips} out of range: this UNet has {len(self.output_blocks)} skips")
         p = next(self.parameters())
         for m in skips:
-            self.tuners[m] = SCTuner(chans[m], down_ratio, op).to(p.device, p.dtype)
+            self.tuners[m] = SCTuner(self.cfg.skip_channels[m], down_ratio, op).to(p.device, p.dtype)
         return [self.tuners[m] for m in skips]
 
     def attach_controller(self, controller: CSCTuner) -> CSCTuner:
         self.controllers.append(controller)
         return controller
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        timesteps: torch.Tensor,
-        context: torch.Tensor,
-        tuner_scale: float = 1.0,
-        control: Control | None = None,
-    ) -> torch.Tensor:
-        """control: hints for the attached controllers (see `Control`); None or empty: no control."""
-        control = control or Control()
-        if control.hints and not len(control.hints) == len(control.weights) == len(self.controllers):
+    def replace_tuners(self, tuners: Iterable[nn.Module]) -> nn.ModuleList:
+        """Put `tuners` in the tuner slots (one per skip, decoder order; `SkipIdentity()` for none) and return
+        the previous slots, e.g. to compare a tuned and an untuned forward on the same weights."""
+        new = nn.ModuleList(tuners)
+        if len(new) != len(self.output_blocks):
+            raise ValueError(f"{len(new)} tuner slots for {len(self.output_blocks)} skips")
+        old, self.tuners = self.tuners, new
+        return old
+
+    def replace_controllers(self, controllers: Iterable[CSCTuner]) -> nn.ModuleList:
+        """Attach exactly `controllers` (in order) and return the previously attached ones."""
+        old, self.controllers = self.controllers, nn.ModuleList(controllers)
+        return old
+
+    def _paired_controls(self, control: Control | None) -> list[tuple[CSCTuner, list[torch.Tensor], float]]:
+        """(controller, its hints in decoder order, control scale x its weight) for each attached controller;
+        empty without hints."""
+        if control is None or not control.hints:
+            return []
+        if not len(control.hints) == len(control.weights) == len(self.controllers):
             raise ValueError(
                 f"control has {len(control.hints)} hint sets and {len(control.weights)} weights; "
                 f"{len(self.controllers)} controllers are attached"
             )
+        return [
+            (ctrl, hints, control.scale * w)
+            for ctrl, hints, w in zip(self.controllers, control.hints, control.weights, strict=True)
+        ]
+
+    # -- forward ----------------------------------------------------------------------------------------
+
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, tuning: Tuning | None = None
+    ) -> torch.Tensor:
+        """tuning: the SC-Tuner scale and the controllers' hints (see `Tuning`); None: tuners at scale 1,
+        no control."""
+        tuning = tuning or Tuning()
+        controls = self._paired_controls(tuning.control)
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))  # [B, 4C]
 
         # -- encoder: every block's output is a skip connection --
         hs = []
-        h = x.contiguous(memory_format=torch.channels_last)
-        for module in self.input_blocks:
-            h = module(h, emb, context)
+        h = x.contiguous(memory_format=torch.channels_last)  # [B, 4, h, w]
+        for block in self.input_blocks:
+            h = block(h, emb, context)  # [B, C_k, h / ds_k, w / ds_k]
             hs.append(h)
 
         # -- middle --
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context)  # [B, C, h / ds_max, w / ds_max]
 
-        # -- decoder: pop the matching skip, edit it (SCEdit), concatenate (h first), run the block --
-        for i, module in enumerate(self.output_blocks):
-            skip = hs.pop()
-            edited = self.tuners[i](skip, tuner_scale)  # skip + s * (T(skip) - skip); identity without tuner
-            controllers = self.controllers[: len(control.hints)]  # none when no hints are given
-            for ctrl, hints, w in zip(controllers, control.hints, control.weights, strict=True):
-                edited = edited + (control.scale * w) * ctrl.residual(i, skip, hints[i])  # CSC-Tuner, eq. 7
-            h = torch.cat([h, edited], dim=1)
-            h = self._decoder_block(module, h, emb, context)
+        # -- decoder: pop skip m, edit it (SCEdit), concatenate after h, run output block m --
+        for m, block in enumerate(self.output_blocks):
+            skip = hs.pop()  # [B, C_m, H_m, W_m]: skip m of cfg.skip_shapes(h, w)
+            edited = self.tuners[m](skip, tuning.tuner_scale)  # SC-Tuner: skip + s (T(skip) - skip), eq. 6
+            for ctrl, hints, w in controls:  # CSC-Tuners: + w (hint + MLP(skip + hint)), eq. 7
+                edited = edited + w * ctrl.residual(m, skip, hints[m])  # [B, C_m, H_m, W_m]
+            h = torch.cat([h, edited], dim=1)  # [B, C_h + C_m, H_m, W_m]
+            h = self._decoder_block(block, h, emb, context)  # [B, C_out, H_m, W_m] (x2 if it upsamples)
 
-        return self.out(h).contiguous()
+        return self.out(h).contiguous()  # [B, 4, h, w]
 
-    def _decoder_block(self, module: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor):
+    def _decoder_block(
+        self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
         if self.checkpoint_decoder and h.requires_grad:
             # non-reentrant checkpointing: correct with frozen weights and trainable inputs
-            return checkpoint(module, h, emb, context, use_reentrant=False)
-        return module(h, emb, context)
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ldm_sce import load_model
-from ldm_sce.cli import to_pil
+from ldm_sce.images import to_pil
 from ldm_sce.sampling import sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,9 +28,35 @@ def ckpt(tiny_ckpts):
 
 def test_txt2img_end_to_end(ckpt, tmp_path):
     out = tmp_path / "out"
-    r = run("txt2img.py", "--ckpt", ckpt, "--config", "tiny-sd1", "--prompt", "a red square", "--negative-prompt",
-            "blurry", "--n_samples", 2, "--n_iter", 2, "--ddim_steps", 3, "--H", 16, "--W", 24, "--seed", 42,
-            "--precision", "full", "--json", "--outdir", out, "--quiet")  # fmt: skip
+    r = run(
+        "txt2img.py",
+        "--ckpt",
+        ckpt,
+        "--config",
+        "tiny-sd1",
+        "--prompt",
+        "a red square",
+        "--negative-prompt",
+        "blurry",
+        "--n_samples",
+        2,
+        "--n_iter",
+        2,
+        "--ddim_steps",
+        3,
+        "--H",
+        16,
+        "--W",
+        24,
+        "--seed",
+        42,
+        "--precision",
+        "full",
+        "--json",
+        "--outdir",
+        out,
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     files = sorted(p.name for p in (out / "samples").glob("*.png"))
     assert files == ["00000.png", "00001.png", "00002.png", "00003.png"]
@@ -55,8 +81,25 @@ def test_txt2img_end_to_end(ckpt, tmp_path):
     assert diff.max() <= 1  # a rounding flip at most (batched vs single matmuls)
 
     # a second run numbers on from the existing files
-    r = run("txt2img.py", "--ckpt", ckpt, "--config", "tiny-sd1", "--ddim_steps", 2, "--H", 16, "--W", 16,
-            "--outdir", out, "--skip_grid", "--quiet", "--sampler", "dpmpp_2m")  # fmt: skip
+    r = run(
+        "txt2img.py",
+        "--ckpt",
+        ckpt,
+        "--config",
+        "tiny-sd1",
+        "--ddim_steps",
+        2,
+        "--H",
+        16,
+        "--W",
+        16,
+        "--outdir",
+        out,
+        "--skip_grid",
+        "--quiet",
+        "--sampler",
+        "dpmpp_2m",
+    )
     assert r.returncode == 0, r.stderr
     assert (out / "samples" / "00004.png").exists() and not (out / "grid-0001.png").exists()
     assert "Sampler: DPM++ 2M Karras" in Image.open(out / "samples" / "00004.png").text["parameters"]
@@ -85,8 +128,26 @@ def test_img2img_end_to_end(ckpt, tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (20, 27, 3), dtype=np.uint8)).save(init)
     out = tmp_path / "out"
-    r = run("img2img.py", "--ckpt", ckpt, "--config", "tiny-sd1", "--init-img", init, "--strength", 0.5,
-            "--ddim_steps", 4, "--n_samples", 2, "--outdir", out, "--precision", "full", "--quiet")  # fmt: skip
+    r = run(
+        "img2img.py",
+        "--ckpt",
+        ckpt,
+        "--config",
+        "tiny-sd1",
+        "--init-img",
+        init,
+        "--strength",
+        0.5,
+        "--ddim_steps",
+        4,
+        "--n_samples",
+        2,
+        "--outdir",
+        out,
+        "--precision",
+        "full",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     imgs = sorted((out / "samples").glob("*.png"))
     assert len(imgs) == 2 and Image.open(imgs[0]).size == (24, 16)  # cropped down to multiples of 8
@@ -113,10 +174,32 @@ def test_txt2img_with_tuner_and_controllers(ckpt, tmp_path):
     Image.new("RGB", (40, 40), (255, 255, 255)).save(tmp_path / "cond.png")
     common = ["--ckpt", ckpt, "--config", "tiny-sd1", "--ddim_steps", 2, "--H", 16, "--W", 16, "--quiet"]
     out = tmp_path / "tuned"
-    r = run("txt2img.py", *common, "--outdir", out, "--tuner", tmp_path / "style.safetensors", "--tuner-scale", 0.7,
-            "--control", tmp_path / "canny.safetensors", "--control-image", tmp_path / "cond.png",
-            "--control", tmp_path / "canny.safetensors", "--control-image", tmp_path / "cond.png",
-            "--control-type", "canny", "--control-type", "color", "--control-weight", 0.6, "--control-weight", 0.4)  # fmt: skip
+    r = run(
+        "txt2img.py",
+        *common,
+        "--outdir",
+        out,
+        "--tuner",
+        tmp_path / "style.safetensors",
+        "--tuner-scale",
+        0.7,
+        "--control",
+        tmp_path / "canny.safetensors",
+        "--control-image",
+        tmp_path / "cond.png",
+        "--control",
+        tmp_path / "canny.safetensors",
+        "--control-image",
+        tmp_path / "cond.png",
+        "--control-type",
+        "canny",
+        "--control-type",
+        "color",
+        "--control-weight",
+        0.6,
+        "--control-weight",
+        0.4,
+    )
     assert r.returncode == 0, r.stderr
     assert (out / "control-0-canny.png").exists() and (out / "control-1-color.png").exists()
     assert Image.open(out / "control-0-canny.png").size == (64, 64)  # 8x the latent

@@ -48,6 +48,6 @@ def test_compvis_yaml_unsupported_target_is_named(tmp_path):
 def test_heads_and_skip_channels():
     assert PRESETS["sd-v1"].unet.heads(640) == (8, 80)
     assert PRESETS["sd-v2-base"].unet.heads(640) == (10, 64)
-    assert PRESETS["sd-v1"].unet.skip_channels() == [1280] * 5 + [640] * 3 + [320] * 4
+    assert PRESETS["sd-v1"].unet.skip_channels == (1280,) * 5 + (640,) * 3 + (320,) * 4
     with pytest.raises(ConfigError, match="exactly one"):
         dataclasses.replace(UNetConfig(), num_head_channels=64)

@@ -15,6 +15,7 @@ from helpers import compvis_yaml
 
 from ldm_sce import PRESETS, load_model
 from ldm_sce.sampling import (
+    Denoiser,
     batch_noise,
     cfg_denoiser,
     ddim_timesteps,
@@ -77,11 +78,17 @@ def test_ddim_matches_diffusers(pair, steps):
     ours, ref, pred = pair
     c, uc = conds(ours)
     x_t = batch_noise((2, 4, 8, 8), [0, 1])
-    sched = DDIMScheduler(**SCHED, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                          timestep_spacing="leading", prediction_type=pred)  # fmt: skip
+    sched = DDIMScheduler(
+        **SCHED,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=pred,
+    )
     sched.set_timesteps(steps)
     theirs = diffusers_loop(ref, sched, x_t, c, uc, 7.5)
-    mine = sample_ddim(cfg_denoiser(ours, c, uc, 7.5), x_t, ours.alphas_cumprod, steps)
+    mine = sample_ddim(cfg_denoiser(ours, c, uc, 7.5), x_t, steps)
     assert_close(mine, theirs, 1e-4)
 
 
@@ -94,7 +101,7 @@ def test_euler_matches_diffusers(pair):
     theirs = diffusers_loop(ref, sched, x_t * sched.init_noise_sigma, c, uc, 5.0)
     sigmas = sigmas_uniform(ours.alphas_cumprod, 10)
     torch.testing.assert_close(sigmas.float(), sched.sigmas.float(), rtol=1e-5, atol=0)
-    mine = sample_euler(cfg_denoiser(ours, c, uc, 5.0), x_t * sigmas[0].float(), ours.alphas_cumprod, sigmas)
+    mine = sample_euler(cfg_denoiser(ours, c, uc, 5.0), x_t * sigmas[0].float(), sigmas)
     assert_close(mine, theirs, 1e-4)
 
 
@@ -110,8 +117,7 @@ def test_euler_ancestral_matches_diffusers_with_same_noise(pair):
     g = torch.Generator().manual_seed(11)
     sigmas = sigmas_uniform(ours.alphas_cumprod, 10)
     noise_fn = lambda: torch.randn(1, 4, 8, 8, generator=g)  # noqa: E731
-    mine = sample_euler_ancestral(cfg_denoiser(ours, c, uc, 5.0), x_t * sigmas[0].float(), ours.alphas_cumprod,
-                                  sigmas, noise_fn)  # fmt: skip
+    mine = sample_euler_ancestral(cfg_denoiser(ours, c, uc, 5.0), x_t * sigmas[0].float(), sigmas, noise_fn)
     assert_close(mine, theirs, 1e-4)
 
 
@@ -146,11 +152,12 @@ def test_ode_samplers_converge_at_their_order(fn, order):
     """On the Gaussian toy, doubling the steps divides the error by 2**order."""
     ac = torch.from_numpy(DDIMScheduler(**SCHED).alphas_cumprod.numpy())
     eps_fn, exact = gaussian_toy(ac)
+    denoiser = Denoiser(eps_fn, ac)
     x = batch_noise((2, 4, 8, 8), [0, 1]).double()
     errs = []
     for steps in (20, 40, 80):
         sigmas = sigmas_karras(ac, steps)
-        errs.append((fn(eps_fn, x * sigmas[0], ac, sigmas) - exact(x * sigmas[0], sigmas)).abs().max().item())
+        errs.append((fn(denoiser, x * sigmas[0], sigmas) - exact(x * sigmas[0], sigmas)).abs().max().item())
     ratios = [errs[0] / errs[1], errs[1] / errs[2]]
     assert all(0.85 * 2**order < r < 1.25 * 2**order for r in ratios), (errs, ratios)
 
@@ -159,9 +166,9 @@ def test_plms_equals_ddim_for_constant_eps():
     """Every PLMS combination of equal eps is that eps, so with a constant denoiser PLMS is DDIM."""
     ac = torch.from_numpy(DDIMScheduler(**SCHED).alphas_cumprod.numpy())
     eps0 = batch_noise((1, 4, 4, 4), [2])
-    eps_fn = lambda x, t: eps0  # noqa: E731
+    denoiser = Denoiser(lambda x, t: eps0, ac)
     x = batch_noise((1, 4, 4, 4), [3])
-    torch.testing.assert_close(sample_plms(eps_fn, x, ac, 10), sample_ddim(eps_fn, x, ac, 10), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sample_plms(denoiser, x, 10), sample_ddim(denoiser, x, 10), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler_a", "dpmpp_2m"])

@@ -50,8 +50,16 @@ def test_the_sets_the_shipped_model_learnt_from_are_rebuilt_exactly(tmp_path):
     base = toy.write_dataset(tmp_path / "base", 3, seed=1)
     tagged = toy.write_dataset(tmp_path / "tagged", 25, seed=1, nonce=0.2)
     base, tagged = ([json.loads(line)["text"] for line in (d / "metadata.jsonl").open()] for d in (base, tagged))
-    assert base == ["a large blue square at the bottom", "a blue triangle in the center", "a small red diamond on the right"]
-    assert tagged[:3] == ["a large blue square at the bottom", "a large red circle", "a large green diamond on the left"]
+    assert base == [
+        "a large blue square at the bottom",
+        "a blue triangle in the center",
+        "a small red diamond on the right",
+    ]
+    assert tagged[:3] == [
+        "a large blue square at the bottom",
+        "a large red circle",
+        "a large green diamond on the left",
+    ]
     assert (tagged[11], tagged[24]) == ("a large yellow circle at the top zcgd style", "a large blue diamond abl style")
 
 
@@ -203,10 +211,20 @@ def test_sc_tuner_trains_from_the_shipped_model(tmp_path):
     from ldm_sce.tuner_files import load_tuner
 
     data = toy.write_dataset(tmp_path / "style", 6, seed=2, look=toy.STYLE_LOOK)
-    cfg = load_train_config(ROOT / "configs" / "toy" / "style_sc.yaml", [
-        f"model.ckpt={DEFAULT_CKPT}", f"data.path={data}", f"output_dir={tmp_path / 'run'}", "optim.batch_size=3",
-        "optim.max_steps=3", "optim.warmup_steps=0", "save_every=0", "log_every=1", "validation.prompts=[]",
-    ])  # fmt: skip
+    cfg = load_train_config(
+        ROOT / "configs" / "toy" / "style_sc.yaml",
+        [
+            f"model.ckpt={DEFAULT_CKPT}",
+            f"data.path={data}",
+            f"output_dir={tmp_path / 'run'}",
+            "optim.batch_size=3",
+            "optim.max_steps=3",
+            "optim.warmup_steps=0",
+            "save_every=0",
+            "log_every=1",
+            "validation.prompts=[]",
+        ],
+    )
     path = Trainer(cfg).train()
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3] and all(np.isfinite(row["loss"]) for row in log)
@@ -221,8 +239,20 @@ def test_txt2img_with_no_ckpt_uses_the_embedded_model(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "txt2img.py"), "--prompt", "a large blue square",
-                        "--outdir", str(tmp_path), "--quiet", "--skip_grid"], capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "txt2img.py"),
+            "--prompt",
+            "a large blue square",
+            "--outdir",
+            str(tmp_path),
+            "--quiet",
+            "--skip_grid",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     img = Image.open(tmp_path / "samples" / "00000.png")
     assert img.size == (64, 64)

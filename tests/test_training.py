@@ -53,8 +53,9 @@ def write_config(tmp_path, ckpt, data_path, **sections):
 
 
 def run_train(*args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train.py"), *map(str, args)], capture_output=True, text=True, env=env
+    )
 
 
 def losses(out):
@@ -79,8 +80,13 @@ def test_sc_training_lowers_the_loss(tiny_ckpts, dataset, tmp_path):
 
 def test_train_cli_exports_a_tuner_txt2img_loads(tiny_ckpts, dataset, tmp_path):
     ckpt = tiny_ckpts["sd1"][1]
-    cfg = write_config(tmp_path, ckpt, dataset, optim={"max_steps": 4},
-                       validation={"every": 2, "prompts": ["<sce> a red square"], "seeds": [0, 1], "steps": 3})  # fmt: skip
+    cfg = write_config(
+        tmp_path,
+        ckpt,
+        dataset,
+        optim={"max_steps": 4},
+        validation={"every": 2, "prompts": ["<sce> a red square"], "seeds": [0, 1], "steps": 3},
+    )
     r = run_train("--base", cfg)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
@@ -89,9 +95,29 @@ def test_train_cli_exports_a_tuner_txt2img_loads(tiny_ckpts, dataset, tmp_path):
     assert (out / "validation" / "step-000002.png").exists()
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["step-000004.pt"]
     tuner = out / "sc_tuner.safetensors"
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "txt2img.py"), "--ckpt", str(ckpt), "--config",
-                        "tiny-sd1", "--tuner", str(tuner), "--H", "16", "--W", "16", "--ddim_steps", "2",
-                        "--outdir", str(tmp_path / "gen"), "--quiet"], capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "txt2img.py"),
+            "--ckpt",
+            str(ckpt),
+            "--config",
+            "tiny-sd1",
+            "--tuner",
+            str(tuner),
+            "--H",
+            "16",
+            "--W",
+            "16",
+            "--ddim_steps",
+            "2",
+            "--outdir",
+            str(tmp_path / "gen"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "SC-Tuner: sc_tuner" in Image.open(tmp_path / "gen" / "samples" / "00000.png").text["parameters"]
 
@@ -119,8 +145,15 @@ def test_cache_gives_the_same_training(tiny_ckpts, dataset, tmp_path):
     for cache in (False, True):
         run_dir = tmp_path / str(cache)
         run_dir.mkdir()
-        cfg = load_train_config(write_config(run_dir, tiny_ckpts["sd1"][1], dataset, optim={"max_steps": 4},
-                                             data={"cache": cache, "caption_dropout": 0.3}))  # fmt: skip
+        cfg = load_train_config(
+            write_config(
+                run_dir,
+                tiny_ckpts["sd1"][1],
+                dataset,
+                optim={"max_steps": 4},
+                data={"cache": cache, "caption_dropout": 0.3},
+            )
+        )
         trainer = Trainer(cfg)
         results.append(load_file(trainer.train()))
         assert len(trainer._posteriors) == (8 if cache else 0)
@@ -145,8 +178,11 @@ def test_corrupt_image_is_skipped_and_counted(tiny_ckpts, dataset, tmp_path):
 
 def test_csc_lora_and_full_methods_train(tiny_ckpts, dataset, tmp_path):
     ckpt = tiny_ckpts["sd1"][1]
-    methods = ({"name": "csc", "condition": "canny", "random_thresholds": True}, {"name": "lora", "lora_rank": 4},
-               {"name": "full"})  # fmt: skip
+    methods = (
+        {"name": "csc", "condition": "canny", "random_thresholds": True},
+        {"name": "lora", "lora_rank": 4},
+        {"name": "full"},
+    )
     for method in methods:
         out = tmp_path / method["name"]
         out.mkdir()
@@ -178,15 +214,22 @@ def test_dataset_layouts(tmp_path):
     from ldm_sce.data import TrainDataset
 
     data = TrainDataset(scan(tmp_path), 8, trigger="sks ", suffix=", zqx style")
-    assert data[0]["caption"] == "sks a bird, zqx style"  # kohya's caption prefix / suffix
+    assert data[0, 0]["caption"] == "sks a bird, zqx style"  # kohya's caption prefix / suffix
 
 
 def test_shipped_training_configs_validate(tiny_ckpts, dataset, tmp_path):
     for path in sorted((ROOT / "configs" / "train").glob("*.yaml")):
         cfg = load_train_config(path)
         assert cfg.optim.weight_decay in (0.0, 0.01) and cfg.method.name in ("sc", "csc")
-    tiny = load_train_config(ROOT / "configs" / "train" / "tiny_sc.yaml", [f"model.ckpt={tiny_ckpts['sd1'][1]}",
-                             f"data.path={dataset}", f"output_dir={tmp_path / 'out'}", "optim.max_steps=2"])  # fmt: skip
+    tiny = load_train_config(
+        ROOT / "configs" / "train" / "tiny_sc.yaml",
+        [
+            f"model.ckpt={tiny_ckpts['sd1'][1]}",
+            f"data.path={dataset}",
+            f"output_dir={tmp_path / 'out'}",
+            "optim.max_steps=2",
+        ],
+    )
     assert Trainer(tiny).train().name == "sc_tuner.safetensors"
 
 
@@ -214,9 +257,21 @@ def test_torchrun_two_processes_match_one(tiny_ckpts, dataset, tmp_path):
         # a coin flip. With eps >> |g| the update is linear in g, so round-off stays round-off.
         cfg = write_config(run_dir, ckpt, dataset, optim={"max_steps": 3, "batch_size": 4, "eps": 1.0, "lr": 0.5})
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                            str(ROOT / "tools" / "train.py"), "--base", str(cfg)],
-                           capture_output=True, text=True, env=env)  # fmt: skip
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={n}",
+                str(ROOT / "tools" / "train.py"),
+                "--base",
+                str(cfg),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         results[n] = load_file(run_dir / "out" / "sc_tuner.safetensors")
         if n == 2:
@@ -243,7 +298,7 @@ def test_lora_file_round_trip_gives_the_same_unet(tiny_ckpts):
     from safetensors.torch import save_file
 
     from ldm_sce import load_model
-    from ldm_sce.training import add_lora, load_lora
+    from ldm_sce.methods import add_lora, load_lora
 
     ckpt = tiny_ckpts["sd1"][1]
     trained = load_model(ckpt, config="tiny-sd1")

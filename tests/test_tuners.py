@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from ldm_sce import PRESETS, CheckpointError, load_model
 from ldm_sce.tuner_files import csc_tuner_file, load_tuner, save_tuner_file, sc_tuner_file
-from ldm_sce.tuners import Control, CSCTuner, count_parameters
+from ldm_sce.tuners import Control, CSCTuner, SCTuner, Tuning, count_parameters
 from ldm_sce.unet import UNetModel
 
 
@@ -51,8 +51,11 @@ def model(tiny_ckpts):
 
 def inputs(model, b=2, hw=(8, 12)):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(b, 4, *hw, generator=g), torch.tensor([10, 600][:b]),
-            torch.randn(b, 77, model.cfg.unet.context_dim, generator=g))  # fmt: skip
+    return (
+        torch.randn(b, 4, *hw, generator=g),
+        torch.tensor([10, 600][:b]),
+        torch.randn(b, 77, model.cfg.unet.context_dim, generator=g),
+    )
 
 
 def randomize(module, seed=1):
@@ -75,8 +78,8 @@ def test_fresh_tuners_and_controller_are_exact_identities(model):
         ctrl = unet.attach_controller(CSCTuner(model.cfg.unet, kernel=3))
         randomize(ctrl.pre_hint_blocks)  # the hint encoder is not zero-initialised; the dense convs are
         control = Control([ctrl.hints(cond_image())], [1.0], 1.0)
-        assert torch.equal(unet(x, t, c, tuner_scale=1.0, control=control), base)
-    unet.tuners[0] = type(unet.tuners[1])(64)  # any slot can be replaced; the base keys never change
+        assert torch.equal(unet(x, t, c, Tuning(1.0, control)), base)
+    unet.replace_tuners([SCTuner(64)] + list(unet.tuners)[1:])  # any slot can be replaced; the base keys never change
     assert {k for k in model.state_dict() if "tuners" not in k and "controllers" not in k} == base_keys
 
 
@@ -99,7 +102,7 @@ def mlp(x, tuner):  # ln2(GELU(ln1(x))) written out, token-wise over channels
 def test_scale_and_weight_formulas(model):
     x, t, c = inputs(model)
     unet = model.model.diffusion_model
-    ch = unet.output_blocks[0][0].in_layers[0].num_channels - model.cfg.unet.skip_channels()[0]
+    ch = unet.output_blocks[0][0].in_layers[0].num_channels - model.cfg.unet.skip_channels[0]
     seen, handle = record_first_skip(unet)
     with torch.no_grad():
         unet(x, t, c)
@@ -108,13 +111,13 @@ def test_scale_and_weight_formulas(model):
         for tuner in tuners:
             randomize(tuner, seed=3)
         for s in (0.0, 0.5, 2.0):
-            unet(x, t, c, tuner_scale=s)
+            unet(x, t, c, Tuning(s))
             torch.testing.assert_close(seen.pop("x")[:, ch:], skip + s * mlp(skip, tuners[0]))
         ctrls = [unet.attach_controller(CSCTuner(model.cfg.unet)) for _ in range(2)]
         for i, ctrl in enumerate(ctrls):
             randomize(ctrl, seed=10 + i)
         hints = [ctrl.hints(cond_image(seed=i)) for i, ctrl in enumerate(ctrls)]
-        unet(x, t, c, tuner_scale=0.5, control=Control(hints, [0.3, 0.7], 0.8))
+        unet(x, t, c, Tuning(0.5, Control(hints, [0.3, 0.7], 0.8)))
         expected = skip + 0.5 * mlp(skip, tuners[0])
         for ctrl, hs, w in zip(ctrls, hints, [0.3, 0.7], strict=True):
             expected = expected + 0.8 * w * (hs[0] + mlp(skip + hs[0], ctrl.lsc_tuner_blocks[0]))
@@ -159,7 +162,7 @@ def test_backward_reaches_only_tuners_and_records_nothing_before_them(model):
 
     hints = ctrl.hints(cond_image())  # the controller's own graph (it is trained)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = unet(x, t, c, control=Control([hints], [1.0]))
+        out = unet(x, t, c, Tuning(control=Control([hints], [1.0])))
     assert saved["encoder"] == 0 and saved["middle"] == 0 and saved["decoder"] > 0, saved
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
@@ -170,7 +173,7 @@ def test_backward_reaches_only_tuners_and_records_nothing_before_them(model):
 def output_with(model, control=None, tuner_scale=1.0):
     x, t, c = inputs(model)
     with torch.no_grad():
-        return model.apply_model(x, t, c, tuner_scale, control)
+        return model.apply_model(x, t, c, Tuning(tuner_scale, control))
 
 
 def trained_like(model, seed=7):
@@ -208,13 +211,21 @@ def test_official_layouts_load_to_the_same_outputs(model, tiny_ckpts, tmp_path):
     (swift / "adapter_config.json").write_text(
         json.dumps({"dims": [32] * 12, "down_ratio": 0.5, "tuner_mode": "identity", "tuner_op": "SCEAdapter"})
     )
-    save_file({f"model.lsc_identity.{m}.scetuner_0_SwiftSCETuning.tuner_op.{k}": v.contiguous()
-               for m in skips for k, v in unet.tuners[m].state_dict().items()}, str(swift / "adapter_model.safetensors"))  # fmt: skip
+    save_file(
+        {
+            f"model.lsc_identity.{m}.scetuner_0_SwiftSCETuning.tuner_op.{k}": v.contiguous()
+            for m in skips
+            for k, v in unet.tuners[m].state_dict().items()
+        },
+        str(swift / "adapter_model.safetensors"),
+    )
     # native scepter checkpoint
     native = tmp_path / "ldm_step-100"
     native.mkdir()
-    torch.save({f"model.lsc_identity.{m}.tuner_op.{k}": v for m in skips for k, v in unet.tuners[m].state_dict().items()},
-               native / "pytorch_model.bin")  # fmt: skip
+    torch.save(
+        {f"model.lsc_identity.{m}.tuner_op.{k}": v for m in skips for k, v in unet.tuners[m].state_dict().items()},
+        native / "pytorch_model.bin",
+    )
     # released controller folder
     released = tmp_path / "canny" / "0_SwiftSCETuning"
     released.mkdir(parents=True)
@@ -248,8 +259,15 @@ def test_tuner_for_another_base_is_refused(model, tiny_ckpts, tmp_path):
     with torch.device("meta"):
         full.attach_sc_tuners()
     sd = {f"tuners.{m}.{k}": torch.zeros(v.shape) for m in (0, 11) for k, v in full.tuners[m].state_dict().items()}
-    save_file(sd, str(tmp_path / "big.safetensors"), metadata={"ldm_sce.tuner": json.dumps(
-        {"kind": "sc", "skip_dims": PRESETS["sd-v1"].unet.skip_channels(), "skips": [0, 11], "base": None})})  # fmt: skip
+    save_file(
+        sd,
+        str(tmp_path / "big.safetensors"),
+        metadata={
+            "ldm_sce.tuner": json.dumps(
+                {"kind": "sc", "skip_dims": list(PRESETS["sd-v1"].unet.skip_channels), "skips": [0, 11], "base": None}
+            )
+        },
+    )
     with pytest.raises(CheckpointError, match=r"skip dims \[1280.*has \[64"):
         load_tuner(model, tmp_path / "big.safetensors")
     with pytest.raises(CheckpointError, match="not a tuner file"):
@@ -295,9 +313,9 @@ def test_control_range_switches_control_by_sampling_progress(model):
     t_early, t_late = torch.tensor([900]), torch.tensor([100])  # progress 0.1 and 0.9
     with torch.no_grad():
         plain = cfg_denoiser(model, c, uc, 5.0)
-        first_half = cfg_denoiser(model, c, uc, 5.0, control=control, control_range=(0.0, 0.5))
-        assert not torch.equal(first_half(x, t_early), plain(x, t_early))  # control acts early
-        assert torch.equal(first_half(x, t_late), plain(x, t_late))  # and not after 50%
+        first_half = cfg_denoiser(model, c, uc, 5.0, Tuning(control=control, control_range=(0.0, 0.5)))
+        assert not torch.equal(first_half.eps(x, t_early), plain.eps(x, t_early))  # control acts early
+        assert torch.equal(first_half.eps(x, t_late), plain.eps(x, t_late))  # and not after 50%
 
 
 def test_convert_tuner_cli(model, tmp_path):
@@ -313,17 +331,25 @@ def test_convert_tuner_cli(model, tmp_path):
         randomize(tuner, seed=9)
     native = tmp_path / "ldm_step-10"
     native.mkdir()
-    torch.save({f"model.lsc_identity.{m}.tuner_op.{k}": v for m in (1, 4) for k, v in unet.tuners[m].state_dict().items()},
-               native / "pytorch_model.bin")  # fmt: skip
+    torch.save(
+        {f"model.lsc_identity.{m}.tuner_op.{k}": v for m in (1, 4) for k, v in unet.tuners[m].state_dict().items()},
+        native / "pytorch_model.bin",
+    )
     tool = Path(__file__).resolve().parents[1] / "tools" / "convert_tuner.py"
-    r = subprocess.run([sys.executable, str(tool), str(native), str(tmp_path / "out.safetensors"), "--base", "sd1"],
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(tool), str(native), str(tmp_path / "out.safetensors"), "--base", "sd1"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     tf = read_tuner_file(tmp_path / "out.safetensors")
     assert (tf.kind, tf.base, tf.skips, tf.down_ratio) == ("sc", "sd1", [1, 4], 1.0)
     assert torch.equal(tf.state_dict["tuners.4.ln2.weight"], unet.tuners[4].ln2.weight)
-    r = subprocess.run([sys.executable, str(tool), str(tmp_path / "nothing"), str(tmp_path / "x.safetensors")],
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(tool), str(tmp_path / "nothing"), str(tmp_path / "x.safetensors")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "not found" in r.stderr
 
 
@@ -395,22 +421,26 @@ def test_frozen_resblock_and_feedforward_keep_less_same_gradients():
         a, b = ff.net[0].proj(x).chunk(2, dim=-1)
         return ff.net[2](a * F.gelu(b))
 
-    cases = [(lambda x: block(x, emb), plain_block, torch.randn(2, 64, 12, 12), block, 0.55),
-             (ff, plain_ff, torch.randn(2, 50, 64), ff, 0.2)]  # fmt: skip
+    cases = [
+        (lambda x: block(x, emb), plain_block, torch.randn(2, 64, 12, 12), block, 0.55),
+        (ff, plain_ff, torch.randn(2, 50, 64), ff, 0.2),
+    ]
     for ours, plain, x, module, ratio in cases:
         x.requires_grad_(True)
         y, kept = _saved_bytes(ours, x, module)
         y_ref, kept_ref = _saved_bytes(plain, x, module)
         torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
         g = torch.randn_like(y)
-        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0],
-                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0], rtol=1e-5, atol=1e-6
+        )
         assert kept < ratio * kept_ref, (kept, kept_ref)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # the rerun in backward is under the same autocast
             y, y_ref = ours(x), plain(x)
         assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
-        torch.testing.assert_close(torch.autograd.grad(y, x, g.bfloat16())[0],
-                                   torch.autograd.grad(y_ref, x, g.bfloat16())[0], rtol=0, atol=0)  # fmt: skip
+        torch.testing.assert_close(
+            torch.autograd.grad(y, x, g.bfloat16())[0], torch.autograd.grad(y_ref, x, g.bfloat16())[0], rtol=0, atol=0
+        )
     ff.requires_grad_(True)
     ff(torch.randn(2, 5, 64, requires_grad=True)).sum().backward()
     assert ff.net[0].proj.weight.grad.abs().sum() > 0

@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm_sce.config import PRESETS  # noqa: E402
+from ldm_sce.config import PRESETS, to_compvis_yaml  # noqa: E402
 from ldm_sce.unet import UNetModel  # noqa: E402
 
 
@@ -74,16 +74,22 @@ def alternate(runners: dict, rounds: int, per: int = 1) -> dict[str, list[float]
     return times
 
 
+def randomize(module: torch.nn.Module) -> torch.nn.Module:
+    """Random weights everywhere (no zero-initialised layer, so no computation can be skipped or vanish):
+    normal with std 1/sqrt(fan-in) for matrices and kernels, 0.1 for vectors."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 1.0 / p[0].numel() ** 0.5 if p.ndim > 1 else 0.1)
+    return module
+
+
 def diffusers_unet_from(ours: UNetModel, preset: str):
     """diffusers' UNet with our weights, converted by diffusers' own single-file code."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders import single_file_utils as su
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from helpers import compvis_yaml
-
     ckpt = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
-    dcfg = su.create_unet_diffusers_config_from_ldm(compvis_yaml(PRESETS[preset]), ckpt)
+    dcfg = su.create_unet_diffusers_config_from_ldm(to_compvis_yaml(PRESETS[preset]), ckpt)
     ref = UNet2DConditionModel(**dcfg)
     ref.load_state_dict(su.convert_ldm_unet_checkpoint(ckpt, dcfg), strict=True)
     return ref.eval().requires_grad_(False)
@@ -92,7 +98,7 @@ def diffusers_unet_from(ours: UNetModel, preset: str):
 def bench_unet(args) -> dict:
     torch.manual_seed(0)
     cfg = PRESETS[args.preset]
-    ours = UNetModel(cfg.unet).eval().requires_grad_(False)
+    ours = randomize(UNetModel(cfg.unet)).eval().requires_grad_(False)
     theirs = diffusers_unet_from(ours, args.preset)
     x = torch.randn(args.batch, 4, args.latent, args.latent)
     t = torch.full((args.batch,), 500)
@@ -113,17 +119,16 @@ def bench_unet(args) -> dict:
         "seconds_median": med,
         "seconds_all": times,
         "ratio_ldm_sce_over_diffusers": med["ldm_sce"] / med["diffusers"],
-        "overhead_vs_own_base": {name: med[name] / med[name.split("+")[0]] - 1 for name in med},
         "max_abs_diff": diff,
     }
 
 
 def bench_infer(args) -> dict:
-    from ldm_sce.tuners import Control, CSCTuner, SkipIdentity
+    from ldm_sce.tuners import Control, CSCTuner, SkipIdentity, Tuning
 
     torch.manual_seed(0)
     cfg = PRESETS[args.preset]
-    unet = UNetModel(cfg.unet).eval().requires_grad_(False)
+    unet = randomize(UNetModel(cfg.unet)).eval().requires_grad_(False)
     x = torch.randn(args.batch, 4, args.latent, args.latent)
     t = torch.full((args.batch,), 500)
     ctx = torch.randn(args.batch, 77, cfg.unet.context_dim)
@@ -151,7 +156,7 @@ def bench_infer(args) -> dict:
         }
     tuners = unet.attach_sc_tuners()
     for p in unet.tuners.parameters():
-        p.data.normal_(0, 0.02)
+        p.data.normal_(0, 0.02)  # non-zero: nothing may be skipped
     cond = torch.rand(1, 3, args.latent * 8, args.latent * 8)
     hint_seconds = {}
     with torch.inference_mode():
@@ -161,12 +166,13 @@ def bench_infer(args) -> dict:
             hints[k] = ctrl.hints(cond)
             hint_seconds[f"csc{k}"] = time.perf_counter() - start
 
-    sc_slots, no_slots = unet.tuners, torch.nn.ModuleList(SkipIdentity() for _ in tuners)
+    sc_slots = list(unet.tuners)
+    no_slots = [SkipIdentity() for _ in tuners]
 
     def forward(sc: bool, csc: int | None) -> torch.Tensor:
-        unet.tuners = sc_slots if sc else no_slots
-        unet.controllers = torch.nn.ModuleList([ctrls[csc]] if csc else [])
-        return unet(x, t, ctx, control=Control([hints[csc]], [1.0]) if csc else None)
+        unet.replace_tuners(sc_slots if sc else no_slots)
+        unet.replace_controllers([ctrls[csc]] if csc else [])
+        return unet(x, t, ctx, Tuning(control=Control([hints[csc]], [1.0]) if csc else None))
 
     variants = {"base": (False, None), "sc": (True, None), "csc1": (False, 1), "csc3": (False, 3), "sc+csc1": (True, 1)}
     runners = {name: (lambda sc=sc, csc=csc: forward(sc, csc)) for name, (sc, csc) in variants.items()} | runners
@@ -177,8 +183,10 @@ def bench_infer(args) -> dict:
 
     # The end-to-end differences are within this machine's run-to-run noise, so also time exactly what
     # the tuners add: the skip edits, on tensors shaped as the skips of this forward, 5 times each.
-    skips = [torch.randn(args.batch, c, *hw).contiguous(memory_format=torch.channels_last)
-             for c, hw in zip(cfg.unet.skip_channels(), skip_sizes(unet, x, t, ctx), strict=True)]  # fmt: skip
+    skips = [
+        torch.randn(args.batch, *shape).contiguous(memory_format=torch.channels_last)
+        for shape in cfg.unet.skip_shapes(args.latent, args.latent)
+    ]
 
     def edits(sc: bool, csc: int | None):
         for m, skip in enumerate(skips):
@@ -211,57 +219,47 @@ def bench_infer(args) -> dict:
     }
 
 
-def skip_sizes(unet: UNetModel, x, t, ctx) -> list[tuple[int, int]]:
-    """Spatial sizes of the skips in decoder order, from one forward."""
-    sizes = []
-    hooks = [b.register_forward_hook(lambda m, a, o: sizes.append(tuple(o.shape[2:]))) for b in unet.input_blocks]
-    with torch.inference_mode():
-        unet(x, t, ctx)
-    for h in hooks:
-        h.remove()
-    return sizes[::-1]
-
-
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+# bench method -> the training method (ldm_sce.methods) it measures; lora_peft and controlnet are diffusers'
+OWN_METHODS = {
+    "sc": {"name": "sc"},
+    "sc_hires": {"name": "sc"},  # skips: the full-resolution decoder ones, set from the config below
+    "csc1": {"name": "csc", "kernel": 1},
+    "csc3": {"name": "csc", "kernel": 3},
+    "lora": {"name": "lora", "lora_rank": 64},
+    "full": {"name": "full"},
+}
+
+
 def train_one(args) -> dict:
     """One method's training steps in this process (called by `bench_train` in a fresh process)."""
-
-    from ldm_sce.training import add_lora
-    from ldm_sce.tuners import Control, CSCTuner
+    from ldm_sce.methods import MethodSection, build_method
 
     torch.manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = PRESETS[args.preset]
     if args.method in ("lora_peft", "controlnet"):
         return train_one_diffusers(args, dev)
-    unet = UNetModel(cfg.unet).to(dev).requires_grad_(False)
-    ctrl = None
-    if args.method == "sc":
-        params = [p for t in unet.attach_sc_tuners() for p in t.parameters()]
-    elif args.method == "sc_hires":  # the full-resolution decoder skips only: backward stops after their blocks
-        n = len(unet.output_blocks)
-        tuners = unet.attach_sc_tuners(skips=range(n - cfg.unet.num_res_blocks - 1, n))
-        params = [p for t in tuners for p in t.parameters()]
-    elif args.method in ("csc1", "csc3"):
-        ctrl = unet.attach_controller(CSCTuner(cfg.unet, kernel=int(args.method[-1])).to(dev))
-        params = list(ctrl.parameters())
-    elif args.method == "lora":
-        params = add_lora(unet, 64)
-    elif args.method == "full":
-        params = list(unet.parameters())
-    else:
-        raise SystemExit(f"unknown method {args.method}")
+    if args.method not in OWN_METHODS:
+        raise SystemExit(
+            f"unknown method {args.method}; choose from {', '.join([*OWN_METHODS, 'lora_peft', 'controlnet'])}"
+        )
+    section = MethodSection(**OWN_METHODS[args.method])
+    if args.method == "sc_hires":  # backward stops after the blocks of the full-resolution skips
+        section.skips = [m for m, ds in enumerate(cfg.unet.skip_factors) if ds == 1]
+    unet = randomize(UNetModel(cfg.unet)).to(dev).requires_grad_(False)
+    method = build_method(section)
+    params = method.attach(unet)
     unet.checkpoint_decoder = args.grad_ckpt
-    ctx_dim = cfg.unet.context_dim
 
     def forward(x, t, ctx, cond):
-        return unet(x, t, ctx, control=Control([ctrl.hints(cond)], [1.0]) if ctrl is not None else None)
+        return unet(x, t, ctx, method.tuning(cond))
 
-    return _timed_training(args, dev, params, forward, ctx_dim)
+    return _timed_training(args, dev, params, forward, cfg.unet.context_dim)
 
 
 def _timed_training(args, dev, params, forward, ctx_dim) -> dict:
@@ -337,13 +335,10 @@ def train_one_diffusers(args, dev) -> dict:
     from diffusers import UNet2DConditionModel
     from diffusers.loaders import single_file_utils as su
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from helpers import compvis_yaml
-
     cfg = PRESETS[args.preset]
     with torch.device("meta"):
         keys = {"model.diffusion_model." + k: v for k, v in UNetModel(cfg.unet).state_dict().items()}
-    unet = UNet2DConditionModel(**su.create_unet_diffusers_config_from_ldm(compvis_yaml(cfg), keys)).to(dev)
+    unet = UNet2DConditionModel(**su.create_unet_diffusers_config_from_ldm(to_compvis_yaml(cfg), keys)).to(dev)
     controlnet = None
     if args.method == "lora_peft":
         from peft import LoraConfig
@@ -372,8 +367,21 @@ def bench_train(args) -> dict:
 
     rows = []
     for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "train-one", "--method", method, "--preset", args.preset, "--res", str(args.res),
-               "--batch", str(args.batch), "--steps", str(args.steps)] + (["--grad-ckpt"] if args.grad_ckpt else [])  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "train-one",
+            "--method",
+            method,
+            "--preset",
+            args.preset,
+            "--res",
+            str(args.res),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+        ] + (["--grad-ckpt"] if args.grad_ckpt else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             rows.append(
@@ -392,9 +400,19 @@ def bench_train(args) -> dict:
         if mine in ok and ref in ok:
             ratios[f"{mine}/{ref} overhead"] = ok[mine]["overhead_mb"] / ok[ref]["overhead_mb"]
             ratios[f"{mine}/{ref} time"] = ok[mine]["step_seconds_median"] / ok[ref]["step_seconds_median"]
-    return {"bench": "train_step", "preset": args.preset, "res": args.res, "batch": args.batch,
-            "grad_ckpt": args.grad_ckpt, "precision": "fp32", "optimizer": "AdamW", "attention": "SDPA",
-            "machine": machine(), "rows": rows, "ratios": ratios}  # fmt: skip
+    return {
+        "bench": "train_step",
+        "preset": args.preset,
+        "res": args.res,
+        "batch": args.batch,
+        "grad_ckpt": args.grad_ckpt,
+        "precision": "fp32",
+        "optimizer": "AdamW",
+        "attention": "SDPA",
+        "machine": machine(),
+        "rows": rows,
+        "ratios": ratios,
+    }
 
 
 def bench_step(args) -> dict:
@@ -414,11 +432,24 @@ def bench_step(args) -> dict:
         getattr(model, name).copy_(value)
     model.eval().requires_grad_(False)
     unet = diffusers_unet_from(model.model.diffusion_model, args.preset)
-    sched = DDIMScheduler(beta_start=cfg.linear_start, beta_end=cfg.linear_end, beta_schedule="scaled_linear",
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
-    pipe = StableDiffusionPipeline(vae=AutoencoderKL(), text_encoder=None, tokenizer=None, unet=unet,
-                                   scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)  # fmt: skip
+    sched = DDIMScheduler(
+        beta_start=cfg.linear_start,
+        beta_end=cfg.linear_end,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(),
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     c = torch.randn(1, 77, cfg.unet.context_dim)
     uc = torch.randn(1, 77, cfg.unet.context_dim)
@@ -436,7 +467,7 @@ def bench_step(args) -> dict:
                 height=args.latent * 8,
                 width=args.latent * 8,
             ).images
-        ),  # fmt: skip
+        ),
     }
     with torch.inference_mode():
         diff = (runners["ldm_sce"]() - runners["diffusers"]()).abs().max().item()  # warm-up and sanity
@@ -458,7 +489,7 @@ def bench_step(args) -> dict:
         "seconds_per_step_median": med,
         "seconds_per_step_all": times,
         "ratio_ldm_sce_over_diffusers": med["ldm_sce"] / med["diffusers"],
-        "overhead_vs_own_base": {name: med[name] / med[name.split("+")[0]] - 1 for name in med},
+        "overhead_vs_own_base": {name: med[name] / med[name.split("+")[0]] - 1 for name in med if "+" in name},
         "max_abs_diff": diff,
     }
 
@@ -470,32 +501,40 @@ def scedit_step_runners(args, model, pipe, c, uc, x_t) -> dict:
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     from ldm_sce.sampling import sample
-    from ldm_sce.tuners import Control, CSCTuner, SkipIdentity
+    from ldm_sce.tuners import Control, CSCTuner, SkipIdentity, Tuning
 
     unet = model.model.diffusion_model
-    ctrl = unet.attach_controller(CSCTuner(unet.cfg, kernel=1))
-    unet.attach_sc_tuners()
-    tuned, plain = unet.tuners, torch.nn.ModuleList(SkipIdentity() for _ in unet.tuners)
-    for p in [*tuned.parameters(), *ctrl.parameters()]:
+    ctrl = CSCTuner(unet.cfg, kernel=1)
+    tuned = unet.attach_sc_tuners()
+    plain = [SkipIdentity() for _ in tuned]
+    for p in [*unet.tuners.parameters(), *ctrl.parameters()]:
         p.data.normal_(0, 0.02)  # non-zero: nothing may be skipped
     model.requires_grad_(False)
     side = args.latent * 8
     cond = torch.rand(1, 3, side, side)
 
     def ours(scedit: bool) -> torch.Tensor:
-        unet.tuners = tuned if scedit else plain
-        unet.controllers = torch.nn.ModuleList([ctrl] if scedit else [])
-        control = Control([ctrl.hints(cond)], [1.0]) if scedit else None
-        return sample(model, c, uc, x_T=x_t, steps=args.steps, seed=0, control=control)
+        unet.replace_tuners(tuned if scedit else plain)
+        unet.replace_controllers([ctrl] if scedit else [])
+        tuning = Tuning(control=Control([ctrl.hints(cond)], [1.0])) if scedit else None
+        return sample(model, c, uc, x_T=x_t, steps=args.steps, seed=0, tuning=tuning)
 
     cnet = ControlNetModel.from_unet(pipe.unet).eval().requires_grad_(False)
     cpipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=cnet)
     cpipe.set_progress_bar_config(disable=True)
 
     def theirs() -> torch.Tensor:
-        return cpipe(prompt_embeds=c, negative_prompt_embeds=uc, latents=x_t.clone(), image=cond,
-                     num_inference_steps=args.steps, guidance_scale=7.5, output_type="latent",
-                     height=side, width=side).images  # fmt: skip
+        return cpipe(
+            prompt_embeds=c,
+            negative_prompt_embeds=uc,
+            latents=x_t.clone(),
+            image=cond,
+            num_inference_steps=args.steps,
+            guidance_scale=7.5,
+            output_type="latent",
+            height=side,
+            width=side,
+        ).images
 
     return {"ldm_sce": lambda: ours(False), "ldm_sce+sc+csc1": lambda: ours(True), "diffusers+controlnet": theirs}
 
@@ -545,10 +584,12 @@ def main() -> None:
             if "error" in r:
                 print(f"  {r['method']:10s} failed: {r['error']}")
             else:
-                print(f"  {r['method']:10s} params {r['trainable_params'] / 1e6:8.2f}M  peak {r['peak_mb']:8.0f} MB  "
-                      f"overhead {r['overhead_mb']:8.0f} MB  step {r['step_seconds_median']:6.2f} s  "
-                      f"(its forward {r['step_forward_seconds_median']:6.2f} s; no-grad forward "
-                      f"{r['forward_seconds_median']:6.2f} s)")  # fmt: skip
+                print(
+                    f"  {r['method']:10s} params {r['trainable_params'] / 1e6:8.2f}M  peak {r['peak_mb']:8.0f} MB  "
+                    f"overhead {r['overhead_mb']:8.0f} MB  step {r['step_seconds_median']:6.2f} s  "
+                    f"(its forward {r['step_forward_seconds_median']:6.2f} s; no-grad forward "
+                    f"{r['forward_seconds_median']:6.2f} s)"
+                )
         for k, v in result["ratios"].items():
             print(f"  {k}: {v:.2f}")
         if args.json:
@@ -567,7 +608,7 @@ def main() -> None:
     else:
         ratio, diff = result["ratio_ldm_sce_over_diffusers"], result["max_abs_diff"]
         print(f"  ratio ldm_sce / diffusers = {ratio:.3f}   max|diff| = {diff:.2e}")
-        if args.scedit:
+        if getattr(args, "scedit", False):
             print(
                 "  vs own base: " + ", ".join(f"{k} {100 * v:+.1f}%" for k, v in result["overhead_vs_own_base"].items())
             )

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm_sce import toy  # noqa: E402
 from ldm_sce.checkpoint_io import load_model  # noqa: E402
-from ldm_sce.cli import make_grid  # noqa: E402
 from ldm_sce.conditions import condition_tensor, make_condition  # noqa: E402
-from ldm_sce.training import load_lora  # noqa: E402
+from ldm_sce.images import make_grid  # noqa: E402
+from ldm_sce.methods import load_lora  # noqa: E402
 from ldm_sce.tuner_files import load_tuner  # noqa: E402
 from ldm_sce.tuners import Control  # noqa: E402
 
@@ -73,23 +73,24 @@ def main() -> None:
         out["style_adherence"] = toy.style_adherence(styled_images)
         out["style_prompt_accuracy"] = toy.prompt_scores(styled_images, expected)["accuracy"]
         grids[name] = images[:10] + styled_images[:10]
-        if ctrl is not None:  # conditions at 8x the latent size, as the CLI and the trainer make them
+        if ctrl is not None:  # conditions at the model's condition size, as the CLI and the trainer make them
             cond = torch.cat([condition_tensor(make_condition("canny", r, *cond_size)) for r in refs])
             hints = ctrl.hints(cond)
-            images = toy.generate(model, ctrl_texts, seeds,
-                                  control=lambda sl: Control([[h[sl] for h in hints]], [1.0]))  # fmt: skip
+            images = toy.generate(model, ctrl_texts, seeds, control=lambda sl: Control([[h[sl] for h in hints]], [1.0]))
             grids[name] += images[:10]
         else:
             images = toy.generate(model, ctrl_texts, seeds)
-        out["edge_f1"] = float(np.mean([toy.edge_f1(toy.edges(im), e) for im, e in zip(images, ref_edges, strict=True)]))
+        out["edge_f1"] = float(
+            np.mean([toy.edge_f1(toy.edges(im), e) for im, e in zip(images, ref_edges, strict=True)])
+        )
         out["control_prompt_accuracy"] = toy.prompt_scores(images, ctrl_expected)["accuracy"]
         rows.append(out)
         print(json.dumps(out), flush=True)
         return out
 
     base = load_model(args.ckpt)
-    f = 2 ** (len(base.cfg.vae.ch_mult) - 1)
-    cond_size = (toy.RES // f * 8, toy.RES // f * 8)
+    height, width = base.cfg.condition_size(toy.RES, toy.RES)
+    cond_size = (width, height)  # make_condition's order
     row("base", 0, base)
     if args.style_tuner and Path(args.style_tuner).is_file():
         model = load_model(args.ckpt)
@@ -104,15 +105,21 @@ def main() -> None:
         ctrl = load_tuner(model, args.canny)
         row("base + CSC-Tuner (canny)", sum(p.numel() for p in ctrl.parameters()), model, ctrl)
 
-    print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s; DDIM {toy.SAMPLING['steps']} steps, "
-          f"guidance {toy.SAMPLING['scale']}\n")  # fmt: skip
-    print("| model | trainable params | prompt accuracy (colour, kind) | style adherence | prompt accuracy with "
-          "trigger | style without trigger | edge F1 | prompt accuracy under control |")  # fmt: skip
+    print(
+        f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s; DDIM {toy.SAMPLING['steps']} steps, "
+        f"guidance {toy.SAMPLING['scale']}\n"
+    )
+    print(
+        "| model | trainable params | prompt accuracy (colour, kind) | style adherence | prompt accuracy with "
+        "trigger | style without trigger | edge F1 | prompt accuracy under control |"
+    )
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['trainable_params']:,} | {r['prompt_accuracy']:.0%} ({r['prompt_colour']:.0%}, "
-              f"{r['prompt_kind']:.0%}) | {r['style_adherence']:.0%} | {r['style_prompt_accuracy']:.0%} | {r['style_without_trigger']:.0%} | "
-              f"{r['edge_f1']:.3f} | {r['control_prompt_accuracy']:.0%} |")  # fmt: skip
+        print(
+            f"| {r['model']} | {r['trainable_params']:,} | {r['prompt_accuracy']:.0%} ({r['prompt_colour']:.0%}, "
+            f"{r['prompt_kind']:.0%}) | {r['style_adherence']:.0%} | {r['style_prompt_accuracy']:.0%} | {r['style_without_trigger']:.0%} | "
+            f"{r['edge_f1']:.3f} | {r['control_prompt_accuracy']:.0%} |"
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.samples:

@@ -15,7 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from PIL import Image  # noqa: E402
+
 from ldm_sce import cli  # noqa: E402
+from ldm_sce.images import image_to_tensor, load_image, make_grid, next_index, save_png, to_pil  # noqa: E402
 from ldm_sce.sampling import NoiseStream, batch_noise, cfg_denoiser, ddim_stochastic_encode, sample_ddim, sample_plms  # noqa: E402
 
 
@@ -27,29 +30,29 @@ def main(args: argparse.Namespace) -> None:
     if not 0.0 < args.strength <= 1.0:
         raise cli.UsageError(f"--strength must be in (0, 1], got {args.strength}")
     model = cli.load(args)
-    _, multiple = cli.latent_factor(model)
-    init = cli.load_image(args.init_img)
+    multiple = model.cfg.image_multiple
+    init = load_image(args.init_img)
     w, h = (s - s % multiple for s in init.size)  # as CompVis: crop the size down to a usable multiple
     if w == 0 or h == 0:
         raise cli.UsageError(f"--init-img is {init.size[0]}x{init.size[1]}; it must be at least {multiple}px a side")
-    init = init.resize((w, h), resample=cli.Image.LANCZOS)
+    init = init.resize((w, h), resample=Image.LANCZOS)
     prompts = cli.read_prompts(args)
     t_enc = int(args.strength * args.ddim_steps)
     if t_enc < 1:
         raise cli.UsageError("--strength * --ddim_steps must be at least 1 step")
 
     outdir = Path(args.outdir)
-    control = cli.attach_tuners(model, args, w, h, outdir)
+    tuning = cli.attach_tuners(model, args, w, h, outdir)
     sample_dir = outdir / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
-    index = cli.next_index(sample_dir, "[0-9][0-9][0-9][0-9][0-9].png")
+    index = next_index(sample_dir, "[0-9][0-9][0-9][0-9][0-9].png", 5)
     seed = args.seed
     p = next(model.parameters())
 
     # -- encode, noise to t_enc, denoise --
     images = []
     with torch.no_grad(), cli.precision_context(args):
-        x0_img = cli.image_to_tensor(init).to(p.device, p.dtype)
+        x0_img = image_to_tensor(init).to(p.device, p.dtype)
         posterior = model.encode_first_stage(x0_img)
         for batch in cli.batches(prompts, args.n_samples, args.n_iter):
             n = len(batch)
@@ -62,34 +65,41 @@ def main(args: argparse.Namespace) -> None:
             z = ddim_stochastic_encode(model.alphas_cumprod, z0, args.ddim_steps, t_enc, noise)
             c = model.get_learned_conditioning(batch)
             uc = model.get_learned_conditioning([args.negative_prompt] * n) if args.scale != 1.0 else None
-            eps_fn = cfg_denoiser(model, c, uc, args.scale, args.tuner_scale, control,
-                                  (args.control_start, args.control_end))  # fmt: skip
+            denoiser = cfg_denoiser(model, c, uc, args.scale, tuning)
             if args.sampler == "ddim":
                 noise_fn = NoiseStream(tuple(z.shape), seeds, z.dtype, z.device)
-                z = sample_ddim(eps_fn, z, model.alphas_cumprod, args.ddim_steps, args.ddim_eta, noise_fn,
-                                t_start=t_enc, progress=not args.quiet)  # fmt: skip
-            else:
-                z = sample_plms(
-                    eps_fn, z, model.alphas_cumprod, args.ddim_steps, t_start=t_enc, progress=not args.quiet
+                z = sample_ddim(
+                    denoiser, z, args.ddim_steps, args.ddim_eta, noise_fn, t_start=t_enc, progress=not args.quiet
                 )
-            batch_images = cli.to_pil(model.decode_first_stage(z))
+            else:
+                z = sample_plms(denoiser, z, args.ddim_steps, t_start=t_enc, progress=not args.quiet)
+            batch_images = to_pil(model.decode_first_stage(z))
 
             # -- outputs --
             for img, prompt, s in zip(batch_images, batch, seeds, strict=True):
                 params = {
-                    "prompt": prompt, "negative_prompt": args.negative_prompt, "steps": args.ddim_steps,
-                    "sampler": args.sampler, "scale": args.scale, "seed": s, "width": w, "height": h,
+                    "prompt": prompt,
+                    "negative_prompt": args.negative_prompt,
+                    "steps": args.ddim_steps,
+                    "sampler": args.sampler,
+                    "scale": args.scale,
+                    "seed": s,
+                    "width": w,
+                    "height": h,
                     "model": Path(args.ckpt).stem,
-                    "extra": {"Denoising strength": args.strength, "Init image": Path(args.init_img).name,
-                              **cli.extra_params(args)},
-                }  # fmt: skip
-                cli.save_png(img, sample_dir / f"{index:05}.png", params, args.json)
+                    "extra": {
+                        "Denoising strength": args.strength,
+                        "Init image": Path(args.init_img).name,
+                        **cli.extra_params(args),
+                    },
+                }
+                cli.save_sample(img, sample_dir / f"{index:05}.png", params, args.json)
                 index += 1
             images += batch_images
 
     if not args.skip_grid:
-        grid_index = cli.next_index(outdir, "grid-[0-9][0-9][0-9][0-9].png")
-        cli.make_grid(images, n_cols=args.n_samples).save(outdir / f"grid-{grid_index:04}.png")
+        grid_index = next_index(outdir, "grid-[0-9][0-9][0-9][0-9].png", 4)
+        save_png(make_grid(images, n_cols=args.n_samples), outdir / f"grid-{grid_index:04}.png")
     print(f"Your samples are ready and waiting for you here: {outdir}")
 
 

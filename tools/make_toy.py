@@ -14,7 +14,8 @@ and GAN terms, which a world of flat shapes does not need), measures `scale_fact
 latents (as the LDM paper does; the posterior's log-variance starts at -6 so the decoder first sees a clear
 signal, instead of unit noise it takes thousands of steps to learn to remove), draws the text encoder at random (CLIP's init, seed 0; it stays frozen,
 captions are learned by the UNet's cross-attention) and the UNet at random with the CompVis zero-init
-of the output convolutions, and writes the lot as one original-layout checkpoint.
+of the output convolutions (`UNetModel.initialize_weights`), and writes the lot as one original-layout
+checkpoint.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm_sce import LatentDiffusion, toy  # noqa: E402
 from ldm_sce.checkpoint_io import load_model, save_checkpoint  # noqa: E402
 from ldm_sce.config import load_config  # noqa: E402
-from ldm_sce.unet import ResBlock  # noqa: E402
 
 SETS = {  # name: (n, seed, write_dataset options)
     "base": (20000, 1, {}),  # the VAE's base-world images
@@ -62,25 +62,19 @@ def _images(folder: Path, limit: int | None = None) -> torch.Tensor:
 
 
 def _save_reconstructions(x: torch.Tensor, rec: torch.Tensor, path: Path) -> None:
-    from ldm_sce.cli import make_grid, to_pil
+    from ldm_sce.images import make_grid, to_pil
 
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(to_pil(torch.cat([x[:8], rec[:8].detach()])), n_cols=8).save(path)
 
 
 def init_weights(model: LatentDiffusion, seed: int) -> None:
-    """CLIP's init for the text tower (normal 0.02 tokens, 0.01 positions); the CompVis zero-init of the
-    UNet's output conv, ResBlock second convs and transformer proj_out."""
+    """CLIP's init for the text tower (normal 0.02 tokens, 0.01 positions). The UNet has the CompVis init
+    from its constructor (`UNetModel.initialize_weights`)."""
     torch.manual_seed(seed)
     emb = model.cond_stage_model.transformer.text_model.embeddings
     torch.nn.init.normal_(emb.token_embedding.weight, std=0.02)
     torch.nn.init.normal_(emb.position_embedding.weight, std=0.01)
-    unet = model.model.diffusion_model
-    zero = [unet.out[2]] + [m.out_layers[3] for m in unet.modules() if isinstance(m, ResBlock)]
-    zero += [m.proj_out for m in unet.modules() if type(m).__name__ == "SpatialTransformer"]
-    for m in zero:
-        torch.nn.init.zeros_(m.weight)
-        torch.nn.init.zeros_(m.bias)
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -117,8 +111,11 @@ def cmd_init(args: argparse.Namespace) -> None:
         opt.step()
         sched.step()
         if step % 50 == 0 or step == 1:
-            print(f"vae step {step}/{args.vae_steps} l1 {l1.item():.4f} logvar {post.logvar.mean().item():.2f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"vae step {step}/{args.vae_steps} l1 {l1.item():.4f} logvar {post.logvar.mean().item():.2f} "
+                f"({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
         if step % 250 == 0:
             _save_reconstructions(x, rec, Path(args.out).with_suffix(f".vae-{step}.png"))
     vae.eval().requires_grad_(False)
@@ -127,7 +124,9 @@ def cmd_init(args: argparse.Namespace) -> None:
         z = torch.cat([vae.encode(b).sample(generator=g) for b in held.split(64)])
         rec = torch.cat([vae.decode(vae.encode(b).mean) for b in held.split(64)])
     scale = 1.0 / z.std().item()
-    print(f"latent std {z.std().item():.4f} -> scale_factor {scale:.5f}; L1 on 512 images {(rec - held).abs().mean():.4f}")
+    print(
+        f"latent std {z.std().item():.4f} -> scale_factor {scale:.5f}; L1 on 512 images {(rec - held).abs().mean():.4f}"
+    )
     model.cfg = cfg.replace(scale_factor=round(scale, 5))
     model.scale_factor = model.cfg.scale_factor
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -155,8 +154,13 @@ def main() -> None:
     i.add_argument("--batch", type=int, default=8)
     i.add_argument("--lr", type=float, default=1e-3)
     i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--varied", type=int, default=0, help="add this many scenes of random looks (bold patterns, "
-                   "outlines, night backgrounds) to the VAE's training images")
+    i.add_argument(
+        "--varied",
+        type=int,
+        default=0,
+        help="add this many scenes of random looks (bold patterns, "
+        "outlines, night backgrounds) to the VAE's training images",
+    )
     i.add_argument("--vae-init", help="start the VAE from this checkpoint's VAE (a longer schedule in parts)")
     s = sub.add_parser("ship", help="fp16 copy of a trained checkpoint, config in its metadata")
     s.add_argument("src")

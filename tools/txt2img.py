@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm_sce import cli  # noqa: E402
+from ldm_sce.images import make_grid, next_index, to_pil  # noqa: E402
 from ldm_sce.sampling import sample  # noqa: E402
 
 
@@ -28,14 +29,13 @@ def main(args: argparse.Namespace) -> None:
     args.H, args.W = args.H or native, args.W or native
     model = cli.load(args)
     cli.check_size(model, args.H, args.W)
-    f, _ = cli.latent_factor(model)
     prompts = cli.read_prompts(args)
 
     outdir = Path(args.outdir)
-    control = cli.attach_tuners(model, args, args.W, args.H, outdir)
+    tuning = cli.attach_tuners(model, args, args.W, args.H, outdir)
     sample_dir = outdir / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
-    index = cli.next_index(sample_dir, "[0-9][0-9][0-9][0-9][0-9].png")
+    index = next_index(sample_dir, "[0-9][0-9][0-9][0-9][0-9].png", 5)
     seed = args.seed
 
     # -- sampling --
@@ -47,28 +47,44 @@ def main(args: argparse.Namespace) -> None:
             uc = model.get_learned_conditioning([args.negative_prompt] * n) if args.scale != 1.0 else None
             seeds = list(range(seed, seed + n))
             seed += n
-            z = sample(model, c, uc, sampler=args.sampler, steps=args.ddim_steps, scale=args.scale,
-                       eta=args.ddim_eta, seed=seeds, shape=(args.H // f, args.W // f), progress=not args.quiet,
-                       tuner_scale=args.tuner_scale, control=control,
-                       control_range=(args.control_start, args.control_end))  # fmt: skip
-            batch_images = cli.to_pil(model.decode_first_stage(z))
+            z = sample(
+                model,
+                c,
+                uc,
+                sampler=args.sampler,
+                steps=args.ddim_steps,
+                scale=args.scale,
+                eta=args.ddim_eta,
+                seed=seeds,
+                shape=model.cfg.latent_size(args.H, args.W),
+                tuning=tuning,
+                progress=not args.quiet,
+            )
+            batch_images = to_pil(model.decode_first_stage(z))
 
             # -- outputs: one numbered PNG per image, parameters inside --
             for img, prompt, s in zip(batch_images, batch, seeds, strict=True):
                 params = {
-                    "prompt": prompt, "negative_prompt": args.negative_prompt, "steps": args.ddim_steps,
-                    "sampler": args.sampler, "scale": args.scale, "seed": s, "width": args.W, "height": args.H,
-                    "model": Path(args.ckpt).stem, "extra": cli.extra_params(args),
-                }  # fmt: skip
-                cli.save_png(img, sample_dir / f"{index:05}.png", params, args.json)
+                    "prompt": prompt,
+                    "negative_prompt": args.negative_prompt,
+                    "steps": args.ddim_steps,
+                    "sampler": args.sampler,
+                    "scale": args.scale,
+                    "seed": s,
+                    "width": args.W,
+                    "height": args.H,
+                    "model": Path(args.ckpt).stem,
+                    "extra": cli.extra_params(args),
+                }
+                cli.save_sample(img, sample_dir / f"{index:05}.png", params, args.json)
                 first_params = first_params or params
                 index += 1
             images += batch_images
 
     if not args.skip_grid:
-        grid_index = cli.next_index(outdir, "grid-[0-9][0-9][0-9][0-9].png")
-        grid = cli.make_grid(images, n_cols=args.n_samples)
-        cli.save_png(grid, outdir / f"grid-{grid_index:04}.png", first_params, sidecar=False)
+        grid_index = next_index(outdir, "grid-[0-9][0-9][0-9][0-9].png", 4)
+        grid = make_grid(images, n_cols=args.n_samples)
+        cli.save_sample(grid, outdir / f"grid-{grid_index:04}.png", first_params, sidecar=False)
     print(f"Your samples are ready and waiting for you here: {outdir}")
 
 
