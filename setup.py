@@ -20,8 +20,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # diffusers/transformers are test-only oracles: independent implementations to compare against
-        "test": ["pytest>=7", "diffusers>=0.30", "transformers>=4.40", "ruff>=0.5"],
+        # diffusers/transformers are test-only oracles: independent implementations to compare against;
+        # peft is the LoRA baseline of tools/bench.py, whose every subcommand a test runs
+        "test": ["pytest>=7", "diffusers>=0.30", "transformers>=4.40", "peft>=0.10", "ruff>=0.5", "hypothesis>=6"],
         # tools/bench.py train: peft's LoRA on diffusers' UNet, the baseline users would actually run
         "bench": ["diffusers>=0.30", "transformers>=4.40", "peft>=0.10"],
     },

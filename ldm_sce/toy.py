@@ -25,11 +25,17 @@ where its widest row lies (bottom: triangle). `style_adherence` reads the `zqx` 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from .diffusion import LatentDiffusion
+    from .tuners import Control
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -324,7 +330,12 @@ SAMPLING = {"sampler": "ddim", "steps": 25, "scale": 5.0}  # the settings every 
 
 
 def generate(
-    model, prompts: list[str], seeds: list[int], control=None, tuner_scale: float = 1.0, batch: int = 50
+    model: LatentDiffusion,
+    prompts: list[str],
+    seeds: list[int],
+    control: Callable[[slice], Control] | None = None,
+    tuner_scale: float = 1.0,
+    batch: int = 50,
 ) -> list[Image.Image]:
     """64x64 images for `prompts` (one per seed) with the toy sampling settings. `control`: a function
     of the batch slice returning a `Control`, or None."""

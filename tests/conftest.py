@@ -1,7 +1,9 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -21,3 +23,19 @@ def tiny_ckpts(tmp_path_factory):
         save_checkpoint(model, path)
         out[family] = (model, path, preset)
     return out
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """8 training images 16x16: a coloured square on grey, each with a same-name caption."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    colors = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+    for i in range(8):
+        name, rgb = list(colors.items())[i % 4]
+        arr = np.full((16, 16, 3), 128, np.uint8)
+        x, y = rng.integers(0, 8, 2)
+        arr[y : y + 8, x : x + 8] = rgb
+        Image.fromarray(arr).save(root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text(f"a {name} square")
+    return root

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import yaml
 
 from ldm_sce import LatentDiffusion, ModelConfig
-from ldm_sce.config import to_compvis_yaml as compvis_yaml  # noqa: F401 (the tests' name)
 
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> LatentDiffusion:
@@ -38,3 +40,21 @@ def hf_text_model(t, layers: int | None = None):
             projection_dim=t.embed_dim,
         )
     )
+
+
+def train_config(tmp_path: Path, ckpt: Path, data_path: Path, **sections) -> Path:
+    """A training YAML for the tiny SD1 model in tmp_path (sections given are merged into the defaults)."""
+    cfg = {
+        "model": {"ckpt": str(ckpt), "config": "tiny-sd1"},
+        "method": {"name": "sc"},
+        "data": {"path": str(data_path), "resolution": 16, "trigger": "<sce> "},
+        "optim": {"lr": 3e-3, "batch_size": 4, "max_steps": 8},
+        "output_dir": str(tmp_path / "out"),
+        "save_every": 4,
+        "log_every": 1,
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -26,6 +26,7 @@ def ckpt(tiny_ckpts):
     return tiny_ckpts["sd1"][1]
 
 
+@pytest.mark.slow
 def test_txt2img_end_to_end(ckpt, tmp_path):
     out = tmp_path / "out"
     r = run(
@@ -123,6 +124,7 @@ def test_txt2img_bad_arguments_give_one_line(ckpt, tmp_path, override, message):
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_img2img_end_to_end(ckpt, tmp_path):
     init = tmp_path / "init.png"
     rng = np.random.default_rng(0)
@@ -159,6 +161,7 @@ def test_img2img_end_to_end(ckpt, tmp_path):
     assert r.returncode == 2 and "cannot read image" in r.stderr
 
 
+@pytest.mark.slow
 def test_txt2img_with_tuner_and_controllers(ckpt, tmp_path):
     from ldm_sce.tuner_files import csc_tuner_file, save_tuner_file, sc_tuner_file
     from ldm_sce.tuners import CSCTuner

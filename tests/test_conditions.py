@@ -39,8 +39,11 @@ def test_inpaint_zeroes_the_mask():
     mask[:, :48] = 255
     cond = make_condition("inpaint", Image.new("RGB", (96, 64), (200, 100, 50)), 96, 64, mask=Image.fromarray(mask))
     assert (cond[:, :48] == 0).all() and (cond[:, 48:] == (200, 100, 50)).all()
-    m = random_mask(64, 64, np.random.default_rng(3))
-    assert 0 < m.mean() < 1
+    # LaMa-style masks, drawn from the seed: boxes (seed 3: 156 pixels) or strokes (seed 4: 877 pixels)
+    m3, m4 = (random_mask(64, 64, np.random.default_rng(s)) for s in (3, 4))
+    assert (m3.sum(), m4.sum()) == (156, 877)
+    ys, xs = np.nonzero(m3)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (46, 57, 41, 53)
 
 
 def test_condition_tensor_range_and_unknown_kind():

@@ -8,9 +8,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as su
-from helpers import compvis_yaml, hf_text_model
+from helpers import hf_text_model
 
 from ldm_sce import PRESETS, LatentDiffusion
+from ldm_sce.config import to_compvis_yaml
 from ldm_sce.diffusion import SCHEDULE_BUFFERS
 
 
@@ -44,7 +45,7 @@ def _load_meta(module, sd):
 def test_diffusers_maps_every_key(preset):
     cfg = PRESETS[preset]
     sd = meta_state_dict(preset)
-    yaml_dict = compvis_yaml(cfg)
+    yaml_dict = to_compvis_yaml(cfg)
     n_unet = sum(k.startswith("model.diffusion_model.") for k in sd)
     n_vae = sum(k.startswith("first_stage_model.") for k in sd)
     with torch.device("meta"):

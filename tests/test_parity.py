@@ -5,9 +5,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as su
-from helpers import compvis_yaml, hf_text_model
+from helpers import hf_text_model
 
 from ldm_sce import PRESETS, load_model
+from ldm_sce.config import to_compvis_yaml
 from ldm_sce.text_encoders import tokenize
 
 
@@ -26,7 +27,7 @@ def assert_close(ours, ref, rel=1e-5):
 def loaded(request, tiny_ckpts):
     _, path, preset = tiny_ckpts[request.param]
     cfg = PRESETS[preset]
-    return load_model(path, config=preset), oracle_state_dict(path), compvis_yaml(cfg), cfg
+    return load_model(path, config=preset), oracle_state_dict(path), to_compvis_yaml(cfg), cfg
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (8, 12), (16, 4)])

@@ -11,9 +11,9 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.loaders import single_file_utils as su
-from helpers import compvis_yaml
 
 from ldm_sce import PRESETS, load_model
+from ldm_sce.config import to_compvis_yaml
 from ldm_sce.sampling import (
     Denoiser,
     batch_noise,
@@ -38,7 +38,7 @@ def pair(request, tiny_ckpts):
     _, path, preset = tiny_ckpts[family]
     ours = load_model(path, config=preset, parameterization=request.param)
     ckpt = torch.load(path, weights_only=True)["state_dict"]
-    dcfg = su.create_unet_diffusers_config_from_ldm(compvis_yaml(PRESETS[preset]), ckpt)
+    dcfg = su.create_unet_diffusers_config_from_ldm(to_compvis_yaml(PRESETS[preset]), ckpt)
     ref = UNet2DConditionModel(**dcfg).eval()
     ref.load_state_dict(su.convert_ldm_unet_checkpoint(ckpt, dcfg), strict=True)
     return ours, ref, "epsilon" if request.param == "eps" else "v_prediction"

@@ -6,10 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import yaml
+from helpers import train_config as write_config
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -17,39 +16,6 @@ from ldm_sce import ConfigError
 from ldm_sce.training import Trainer, load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """8 images 16x16: a coloured square on grey, with captions; plus one corrupt file."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    colors = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
-    for i in range(8):
-        name, rgb = list(colors.items())[i % 4]
-        arr = np.full((16, 16, 3), 128, np.uint8)
-        x, y = rng.integers(0, 8, 2)
-        arr[y : y + 8, x : x + 8] = rgb
-        Image.fromarray(arr).save(root / f"{i:02d}.png")
-        (root / f"{i:02d}.txt").write_text(f"a {name} square")
-    return root
-
-
-def write_config(tmp_path, ckpt, data_path, **sections):
-    cfg = {
-        "model": {"ckpt": str(ckpt), "config": "tiny-sd1"},
-        "method": {"name": "sc"},
-        "data": {"path": str(data_path), "resolution": 16, "trigger": "<sce> "},
-        "optim": {"lr": 3e-3, "batch_size": 4, "max_steps": 8},
-        "output_dir": str(tmp_path / "out"),
-        "save_every": 4,
-        "log_every": 1,
-    }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def run_train(*args, env=None):
@@ -69,6 +35,7 @@ def fixed_batch_loss(trainer, micro=10_000):
         return trainer.step_module(batch["x_t"], batch["t"], batch["c"], batch["target"], batch.get("cond")).item()
 
 
+@pytest.mark.slow
 def test_sc_training_lowers_the_loss(tiny_ckpts, dataset, tmp_path):
     cfg = load_train_config(write_config(tmp_path, tiny_ckpts["sd1"][1], dataset, optim={"max_steps": 100, "lr": 1e-2}))
     trainer = Trainer(cfg)
@@ -78,6 +45,7 @@ def test_sc_training_lowers_the_loss(tiny_ckpts, dataset, tmp_path):
     assert after < 0.9 * before, (before, after)  # measured: 1.008 -> 0.842
 
 
+@pytest.mark.slow
 def test_train_cli_exports_a_tuner_txt2img_loads(tiny_ckpts, dataset, tmp_path):
     ckpt = tiny_ckpts["sd1"][1]
     cfg = write_config(
@@ -90,7 +58,7 @@ def test_train_cli_exports_a_tuner_txt2img_loads(tiny_ckpts, dataset, tmp_path):
     r = run_train("--base", cfg)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
-    assert len(losses(out)) == 4 and all(np.isfinite(losses(out)))
+    assert losses(out)[:2] == pytest.approx([1.0159438, 1.0278202], rel=1e-4)  # as tests/test_methods.py
     assert Image.open(out / "validation" / "step-000004.png").size == (2 * 16, 16)
     assert (out / "validation" / "step-000002.png").exists()
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["step-000004.pt"]
@@ -173,54 +141,36 @@ def test_corrupt_image_is_skipped_and_counted(tiny_ckpts, dataset, tmp_path):
     trainer.train()
     assert [p.name for p in trainer.data.bad] == ["99.png"]
     rows = [json.loads(x) for x in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
-    assert rows[-1]["bad_images"] == 1 and np.isfinite(rows[-1]["loss"])
-
-
-def test_csc_lora_and_full_methods_train(tiny_ckpts, dataset, tmp_path):
-    ckpt = tiny_ckpts["sd1"][1]
-    methods = (
-        {"name": "csc", "condition": "canny", "random_thresholds": True},
-        {"name": "lora", "lora_rank": 4},
-        {"name": "full"},
-    )
-    for method in methods:
-        out = tmp_path / method["name"]
-        out.mkdir()
-        cfg = load_train_config(write_config(out, ckpt, dataset, method=method, optim={"max_steps": 2}))
-        path = Trainer(cfg).train()
-        tensors = load_file(path)
-        assert tensors and all(torch.isfinite(v).all() for v in tensors.values())
-    assert any(k.startswith("dense_hint_blocks") for k in load_file(tmp_path / "csc" / "out" / "csc_canny.safetensors"))
-    from ldm_sce import load_model
-
-    full = load_model(tmp_path / "full" / "out" / "model.safetensors")  # a whole model, config in its metadata
-    base = load_model(ckpt, config="tiny-sd1")
-    w = "model.diffusion_model.input_blocks.0.0.weight"
-    assert not torch.equal(full.state_dict()[w], base.state_dict()[w])  # the encoder trained too
-
-
-def test_dataset_layouts(tmp_path):
-    from ldm_sce.data import scan
-
-    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    (tmp_path / "train.csv").write_text('Target:FILE,Prompt\na.png,"a cat, sitting"\n')
-    assert [(i.image.name, i.caption) for i in scan(tmp_path)] == [("a.png", "a cat, sitting")]
-    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a dog"}\n')
-    assert [(i.image.name, i.caption) for i in scan(tmp_path)] == [("a.png", "a dog")]  # jsonl first
-    (tmp_path / "train.csv").unlink()
-    (tmp_path / "metadata.jsonl").unlink()
-    (tmp_path / "a.txt").write_text("a bird\n")
-    assert [(i.image.name, i.caption) for i in scan(tmp_path)] == [("a.png", "a bird")]
-    from ldm_sce.data import TrainDataset
-
-    data = TrainDataset(scan(tmp_path), 8, trigger="sks ", suffix=", zqx style")
-    assert data[0, 0]["caption"] == "sks a bird, zqx style"  # kohya's caption prefix / suffix
+    # the 8 readable images of each 9-slot batch, weighted 8/9 (stored values of this run)
+    assert [r["bad_images"] for r in rows] == [1, 1]
+    assert [r["loss"] for r in rows] == pytest.approx([0.8575647, 0.9121362], rel=1e-4)
 
 
 def test_shipped_training_configs_validate(tiny_ckpts, dataset, tmp_path):
-    for path in sorted((ROOT / "configs" / "train").glob("*.yaml")):
-        cfg = load_train_config(path)
-        assert cfg.optim.weight_decay in (0.0, 0.01) and cfg.method.name in ("sc", "csc")
+    # the paper's settings (tab. 4): AdamW lr 5e-5, fp16; few-shot t2i batch 8 for 1,500 steps; controllers
+    # kernel 3 (the released ones), batch 64 for 100k steps
+    expected = {
+        "sd15_512_sce_t2i": ("sc", 512, 8, 1500, None),
+        "sd21_768_sce_t2i": ("sc", 768, 8, 1500, None),
+        "sd15_512_sce_ctr_hed": ("csc", 512, 64, 100_000, "raw"),
+        "sd21_768_sce_ctr_canny": ("csc", 768, 64, 100_000, "canny"),
+    }
+    for name, (method, res, batch, steps, condition) in expected.items():
+        cfg = load_train_config(ROOT / "configs" / "train" / f"{name}.yaml")
+        assert (cfg.method.name, cfg.data.resolution, cfg.optim.batch_size, cfg.optim.max_steps) == (
+            method,
+            res,
+            batch,
+            steps,
+        )
+        assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.precision, cfg.method.condition) == (
+            5e-5,
+            0.01,
+            "fp16",
+            condition,
+        )
+        assert cfg.method.kernel == (3 if method == "csc" else 1)
+    assert {p.stem for p in (ROOT / "configs" / "train").glob("*.yaml")} == {*expected, "tiny_sc"}
     tiny = load_train_config(
         ROOT / "configs" / "train" / "tiny_sc.yaml",
         [
@@ -247,6 +197,7 @@ def test_config_errors_name_the_problem(tiny_ckpts, dataset, tmp_path):
     assert r.returncode == 2 and "batch_sise" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tiny_ckpts, dataset, tmp_path):
     ckpt = tiny_ckpts["sd1"][1]
     results = {}
@@ -292,31 +243,6 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
     assert lr_factor(54, o) == pytest.approx(0.5)
     assert lr_factor(104, o) == pytest.approx(0.0, abs=1e-12)
     assert lr_factor(50, OptimSection(warmup_steps=4, max_steps=104)) == 1.0  # constant
-
-
-def test_lora_file_round_trip_gives_the_same_unet(tiny_ckpts):
-    from safetensors.torch import save_file
-
-    from ldm_sce import load_model
-    from ldm_sce.methods import add_lora, load_lora
-
-    ckpt = tiny_ckpts["sd1"][1]
-    trained = load_model(ckpt, config="tiny-sd1")
-    unet = trained.model.diffusion_model
-    params = add_lora(unet, 4)
-    torch.manual_seed(1)
-    for p in params:
-        p.data.normal_(0, 0.1)
-    path = Path(tiny_ckpts["sd1"][1]).with_name("lora-test.safetensors")
-    save_file({n: p.detach().contiguous() for n, p in unet.named_parameters() if ".lora_" in n}, str(path))  # as export
-
-    fresh = load_model(ckpt, config="tiny-sd1")
-    assert load_lora(fresh, path) == sum(p.numel() for p in params)
-    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
-    with torch.no_grad():
-        expected = unet(x, t, c)
-        assert not torch.equal(expected, load_model(ckpt, config="tiny-sd1").model.diffusion_model(x, t, c))
-        assert torch.equal(fresh.model.diffusion_model(x, t, c), expected)
 
 
 def test_noise_offset_adds_one_normal_draw_per_image_and_channel(tiny_ckpts, dataset, tmp_path):

@@ -49,7 +49,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm_sce.config import PRESETS, to_compvis_yaml  # noqa: E402
+from ldm_sce.config import PRESETS, ModelConfig, to_compvis_yaml  # noqa: E402
+from ldm_sce.diffusion import LatentDiffusion  # noqa: E402
 from ldm_sce.unet import UNetModel  # noqa: E402
 
 
@@ -81,6 +82,12 @@ def randomize(module: torch.nn.Module) -> torch.nn.Module:
         for p in module.parameters():
             p.normal_(0.0, 1.0 / p[0].numel() ** 0.5 if p.ndim > 1 else 0.1)
     return module
+
+
+def condition_size(cfg: ModelConfig, latent: int) -> tuple[int, int]:
+    """A CSC-Tuner's (and a ControlNet's) condition image size for a square latent of side `latent`."""
+    side = latent * cfg.vae.downsample_factor
+    return cfg.condition_size(side, side)
 
 
 def diffusers_unet_from(ours: UNetModel, preset: str):
@@ -142,7 +149,7 @@ def bench_infer(args) -> dict:
 
         dunet = diffusers_unet_from(unet, args.preset)
         dctrl = ControlNetModel.from_unet(dunet).eval().requires_grad_(False)
-        dcond = torch.rand(args.batch, 3, args.latent * 8, args.latent * 8)
+        dcond = torch.rand(args.batch, 3, *condition_size(cfg, args.latent))
 
         def diffusers_forward(controlnet: bool) -> torch.Tensor:
             if not controlnet:
@@ -157,7 +164,7 @@ def bench_infer(args) -> dict:
     tuners = unet.attach_sc_tuners()
     for p in unet.tuners.parameters():
         p.data.normal_(0, 0.02)  # non-zero: nothing may be skipped
-    cond = torch.rand(1, 3, args.latent * 8, args.latent * 8)
+    cond = torch.rand(1, 3, *condition_size(cfg, args.latent))
     hint_seconds = {}
     with torch.inference_mode():
         hints = {}
@@ -272,11 +279,11 @@ def _timed_training(args, dev, params, forward, ctx_dim) -> dict:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
-    lat = args.res // 8
-    x = torch.randn(args.batch, 4, lat, lat, device=dev)
+    cfg = PRESETS[args.preset]
+    x = torch.randn(args.batch, 4, *cfg.latent_size(args.res, args.res), device=dev)
     ctx = torch.randn(args.batch, 77, ctx_dim, device=dev)
     target = torch.randn_like(x)
-    cond = torch.rand(args.batch, 3, args.res, args.res, device=dev)
+    cond = torch.rand(args.batch, 3, *cfg.condition_size(args.res, args.res), device=dev)
     t = torch.full((args.batch,), 500, device=dev)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -418,7 +425,7 @@ def bench_train(args) -> dict:
 def bench_step(args) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
-    from ldm_sce.diffusion import LatentDiffusion, make_schedule
+    from ldm_sce.diffusion import make_schedule
     from ldm_sce.sampling import batch_noise, sample
 
     torch.manual_seed(0)
@@ -494,7 +501,7 @@ def bench_step(args) -> dict:
     }
 
 
-def scedit_step_runners(args, model, pipe, c, uc, x_t) -> dict:
+def scedit_step_runners(args, model: LatentDiffusion, pipe, c, uc, x_t) -> dict:
     """Sampling with all 12 SC-Tuners and a CSC-Tuner controller (kernel 1; its hints computed inside the
     timed call, once per image), and diffusers' ControlNet pipeline on the same UNet, both with random
     non-zero weights and a random condition image."""

@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm_sce import toy  # noqa: E402
 from ldm_sce.checkpoint_io import load_model  # noqa: E402
 from ldm_sce.conditions import condition_tensor, make_condition  # noqa: E402
+from ldm_sce.diffusion import LatentDiffusion  # noqa: E402
 from ldm_sce.images import make_grid  # noqa: E402
 from ldm_sce.methods import load_lora  # noqa: E402
 from ldm_sce.tuner_files import load_tuner  # noqa: E402
-from ldm_sce.tuners import Control  # noqa: E402
+from ldm_sce.tuners import Control, CSCTuner  # noqa: E402
 
 
 def control_scenes(n: int = 50, seed: int = 3) -> list[toy.Scene]:
@@ -64,7 +65,7 @@ def main() -> None:
     ref_edges = [toy.edges(r) for r in refs]
     rows, grids = [], {}
 
-    def row(name: str, params: int, model, ctrl=None) -> dict:
+    def row(name: str, params: int, model: LatentDiffusion, ctrl: CSCTuner | None = None) -> dict:
         out = {"model": name, "trainable_params": params}
         images = toy.generate(model, texts, seeds)
         out.update({f"prompt_{k}": v for k, v in toy.prompt_scores(images, expected).items()})
