@@ -57,7 +57,18 @@ def _storage(data: bytes, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _rebuild_tensor(storage: torch.Tensor, offset: int, size, stride, *_unused) -> torch.Tensor:
-    return storage.as_strided(tuple(size), tuple(stride), offset)
+    size, stride = tuple(size), tuple(stride)
+    ints = all(type(v) is int for v in (offset, *size, *stride))
+    if not (isinstance(storage, torch.Tensor) and ints and len(size) == len(stride)):
+        raise CheckpointError("corrupt checkpoint: a tensor record is malformed")
+    if offset < 0 or any(v < 0 for v in (*size, *stride)):
+        raise CheckpointError("corrupt checkpoint: a tensor has a negative size, stride or offset")
+    last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True)) if all(size) else -1
+    if last >= storage.numel():
+        raise CheckpointError(
+            f"corrupt checkpoint: a tensor {list(size)} reaches element {last} of a storage of {storage.numel()}"
+        )
+    return storage.as_strided(size, stride, offset)
 
 
 def _rebuild_parameter(data: torch.Tensor, *_unused) -> torch.Tensor:
@@ -87,6 +98,7 @@ class _SafeUnpickler(pickle.Unpickler):
     def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
         super().__init__(file)
         self.archive, self.prefix = archive, prefix
+        self.storages: dict[str, torch.Tensor] = {}  # tensors sharing a storage share it here too
 
     def find_class(self, module: str, name: str):
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
@@ -117,12 +129,17 @@ class _SafeUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         # ('storage', storage_type, key, location, numel): the bytes live in <prefix>/data/<key>
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise CheckpointError(f"unsupported persistent id in pickle: {pid!r}")
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise CheckpointError(f"corrupt checkpoint: unsupported persistent id in pickle: {pid!r:.100}")
         _, dtype, key, _location, _numel = pid
-        if not isinstance(dtype, torch.dtype):
-            raise CheckpointError(f"unsupported storage type in pickle: {dtype!r}")
-        return _storage(self.archive.read(f"{self.prefix}/data/{key}"), dtype)
+        if not isinstance(dtype, torch.dtype) or not isinstance(key, str):
+            raise CheckpointError(f"corrupt checkpoint: unsupported storage record in pickle: {pid!r:.100}")
+        if key not in self.storages:
+            data = self.archive.read(f"{self.prefix}/data/{key}")
+            if len(data) % dtype.itemsize:
+                raise CheckpointError(f"corrupt checkpoint: storage {key} is not a whole number of {dtype} values")
+            self.storages[key] = _storage(data, dtype)
+        return self.storages[key]
 
 
 def _read_pickle_checkpoint(path: Path):
@@ -133,23 +150,42 @@ def _read_pickle_checkpoint(path: Path):
                 raise CheckpointError(f"{path}: a zip file but not a torch checkpoint (no data.pkl)")
             prefix = pkl[0].rpartition("/")[0]
             return _SafeUnpickler(io.BytesIO(archive.read(pkl[0])), archive, prefix).load()
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e)) from None
     except zipfile.BadZipFile as e:
         raise CheckpointError(
             f"{path}: not a readable torch checkpoint ({e}); the file is truncated or corrupt (re-download "
-            "it and compare its size/hash), or it is a pre-1.6 legacy torch file (re-save it with torch.save)"
+            "it and compare its size/hash)"
         ) from e
-    except (pickle.UnpicklingError, EOFError, KeyError) as e:
-        raise CheckpointError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e}); re-download it") from e
+    except Exception as e:  # anything else the pickle or the archive throws: the file is damaged
+        raise CheckpointError(
+            f"{path}: the checkpoint is truncated or corrupt ({type(e).__name__}: {str(e)[:200]}); re-download it"
+        ) from e
+
+
+def _sniff(path: Path) -> str | None:
+    """'safetensors', 'zip' (torch >= 1.6 files) or 'legacy' (older torch pickles) from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size:
+        return "safetensors"
+    if head[:1] == b"\x80":
+        return "legacy"
+    return None
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(flat state dict, extras) from a `.safetensors`, `.ckpt`/`.pt`/`.pth` or `.bin` file, never executing
-    pickled code. Wrapped (`{"state_dict": ...}`), unwrapped and doubly wrapped layouts are all accepted.
-    extras holds safetensors metadata or the pickle's non-tensor entries (e.g. `global_step`)."""
+    pickled code; the format is read from the file's first bytes, not its name. Wrapped (`{"state_dict":
+    ...}`), unwrapped and doubly wrapped layouts are all accepted. extras holds safetensors metadata or the
+    pickle's non-tensor entries (e.g. `global_step`). Any damaged file raises CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    kind = _sniff(path)
+    if kind == "safetensors" or (kind is None and path.suffix == ".safetensors"):
         from safetensors import safe_open
 
         try:
@@ -157,13 +193,27 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except Exception as e:  # safetensors raises its own SafetensorError types
             raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it is truncated or corrupt") from e
+    if kind == "legacy":
+        raise CheckpointError(
+            f"{path}: a legacy (before torch 1.6) pickle file, which is not read; re-save it with a current "
+            "torch.save, or convert it to .safetensors"
+        )
+    if kind is None:
+        raise CheckpointError(
+            f"{path}: not a checkpoint (neither safetensors nor a torch zip file); it is truncated, corrupt, or "
+            "another kind of file"
+        )
     obj = _read_pickle_checkpoint(path)
     extras: dict = {}
-    while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    for _ in range(4):  # {"state_dict": ...}, doubly wrapped at most; a pickle may nest a dict in itself
+        if not (isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)):
+            break
         extras.update({k: v for k, v in obj.items() if k != "state_dict"})
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    if not all(isinstance(k, str) for k in obj):
+        raise CheckpointError(f"{path}: not a state dict (its keys are not all names)")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     extras.update({k: v for k, v in obj.items() if not isinstance(v, torch.Tensor)})
     return tensors, extras
@@ -176,12 +226,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def detect_family(sd: dict[str, torch.Tensor]) -> str:
     """'sd1' or 'sd2' from key names and shapes; a clear error for anything else."""
-    if any(k.startswith("conditioner.embedders.") for k in sd) or UNET + "label_emb.0.0.weight" in sd:
-        raise CheckpointError(
-            "this is an SDXL checkpoint (conditioner.embedders.*, label_emb); SDXL is not supported yet"
-        )
-    if not any(k.startswith(UNET) for k in sd):
-        raise CheckpointError(_not_a_model_hint(sd))
+    if file_kind(sd, {}) == "sdxl":
+        raise CheckpointError(f"this is {KIND_NAMES['sdxl']}")
     has_sd1_text = any(k.startswith(SD1_TEXT) for k in sd)
     has_sd2_text = any(k.startswith(SD2_TEXT) for k in sd)
     proj_in = sd.get(UNET + "input_blocks.1.1.proj_in.weight")
@@ -192,15 +238,35 @@ def detect_family(sd: dict[str, torch.Tensor]) -> str:
     raise CheckpointError("cannot tell the model family from the keys; pass a config (e.g. --config sd-v1)")
 
 
-def _not_a_model_hint(sd: dict[str, torch.Tensor]) -> str:
-    keys = list(sd)[:5]
-    if any("lora" in k for k in sd):
-        what = "a LoRA file"
-    elif any("lsc_identity" in k or "tuner" in k or "hint_blocks" in k for k in sd):
-        what = "an SCEdit tuner/controller file (pass it with --tuner / --control)"
-    else:
-        what = "not a Stable Diffusion checkpoint"
-    return f"no model.diffusion_model.* keys: this looks like {what}. First keys: {keys}"
+KIND_NAMES = {
+    "checkpoint": "a Stable Diffusion checkpoint (pass it with --ckpt)",
+    "sdxl": "an SDXL checkpoint (conditioner.embedders.*, label_emb); SDXL is not supported yet",
+    "sc": "an SC-Tuner file (pass it with --tuner)",
+    "csc": "a CSC-Tuner controller (pass it with --control, with a --control-image)",
+    "lora": "a LoRA file, which the command-line tools do not apply yet (one made by this project's trainer "
+    "loads with ldm_sce.methods.load_lora)",
+    "unknown": "neither a Stable Diffusion checkpoint nor a tuner or LoRA file",
+}
+_SC_KEYS = ("lsc_identity.", "tuners.")
+_CSC_KEYS = ("pre_hint_blocks.", "dense_hint_blocks.", "lsc_tuner_blocks.")
+
+
+def file_kind(sd: dict[str, torch.Tensor], extras: dict) -> str:
+    """What a file holds, from its metadata and key names: a key of KIND_NAMES."""
+    meta = extras.get("ldm_sce.tuner")
+    if isinstance(meta, str):
+        return "csc" if '"kind": "csc"' in meta else "sc"
+    if any(k.startswith("conditioner.embedders.") for k in sd) or UNET + "label_emb.0.0.weight" in sd:
+        return "sdxl"
+    if any(k.startswith(UNET) for k in sd):
+        return "checkpoint"
+    if "ldm_sce.lora" in extras or any("lora" in k.lower() for k in sd):
+        return "lora"
+    if sd and any(part in k for k in sd for part in _CSC_KEYS):
+        return "csc"
+    if sd and any(k.removeprefix("model.").startswith(_SC_KEYS) for k in sd):
+        return "sc"
+    return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,6 +324,33 @@ def _resolve_config(path: Path, sd, extras, config) -> tuple[ModelConfig, bool]:
     return PRESETS["sd-v1" if detect_family(sd) == "sd1" else "sd-v2-base"], True
 
 
+def _check_stored_schedule(sd: dict[str, torch.Tensor], schedule: dict[str, torch.Tensor], path: Path) -> None:
+    """Warn when a file stores a noise schedule other than its config's (beyond its dtype's rounding)."""
+    stored = sd.get("alphas_cumprod")
+    if stored is None or not stored.is_floating_point() or stored.shape != schedule["alphas_cumprod"].shape:
+        return
+    tol = 4 * torch.finfo(stored.dtype).eps
+    diff = (stored.float() - schedule["alphas_cumprod"]).abs().max().item()
+    if not diff <= tol:
+        log.warning(
+            "%s stores a noise schedule that differs from its config's (max |alphas_cumprod difference| %.3g); "
+            "using the config's (linear_start, linear_end, timesteps): pass the config the file was trained "
+            "with if it is another",
+            path,
+            diff,
+        )
+
+
+def check_finite(sd: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse weights holding NaN or inf."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} tensor(s) hold NaN or inf values, e.g. {bad[:3]}: the file is corrupt (or was "
+            "saved from a diverged training run); use another copy of the weights"
+        )
+
+
 @torch.no_grad()
 def _guess_v_prediction(model: LatentDiffusion) -> bool:
     """SD2 files do not record eps vs v. Rule (as AUTOMATIC1111): run the UNet on x = 1, t = 999,
@@ -285,10 +378,15 @@ def load_model(
     metadata, or the family detected from the keys. `parameterization` ('eps'/'v') overrides the config;
     for an SD2 file with no config it is guessed by a test forward (see `_guess_v_prediction`).
     Model keys must match exactly; the only extras allowed are the schedule buffers, `model_ema.*`,
-    `logvar`, the text `position_ids` and non-tensor training metadata.
+    `logvar`, the text `position_ids` and non-tensor training metadata. The noise schedule is always computed
+    from the config in float64 (and kept float32), whatever the file stores; weights holding NaN or inf are
+    refused.
     """
     path = Path(path)
     sd, extras = read_checkpoint(path)
+    kind = file_kind(sd, extras)
+    if kind != "checkpoint":
+        raise CheckpointError(f"{path}: this is {KIND_NAMES[kind]}, not a model checkpoint. First keys: {list(sd)[:4]}")
     cfg, detected = _resolve_config(path, sd, extras, config)
     guess_v = detected and parameterization is None and cfg.family == "sd2"
     if parameterization is not None:
@@ -297,11 +395,12 @@ def load_model(
     with torch.device("meta"):
         model = LatentDiffusion(cfg)
     expected = model.state_dict()
-    # Tolerated missing entries get their canonical values; position_ids is always arange (often corrupt).
-    defaults = make_schedule(cfg.linear_start, cfg.linear_end, cfg.timesteps)
-    for name in SCHEDULE_BUFFERS:
-        sd.setdefault(name, defaults[name])
-    if POSITION_IDS in expected:
+    # The schedule is always computed from the config (float64, kept float32): a file's stored tables may be
+    # missing, or stored in fp16/bf16, where alphas_cumprod rounds to 1 near t = 0 and sampling breaks.
+    schedule = make_schedule(cfg.linear_start, cfg.linear_end, cfg.timesteps)
+    _check_stored_schedule(sd, schedule, path)
+    sd.update(schedule)
+    if POSITION_IDS in expected:  # always arange: often corrupt in SD1 files
         sd[POSITION_IDS] = torch.arange(cfg.text.context_length)[None]
 
     if use_ema:
@@ -315,6 +414,7 @@ def load_model(
             log.warning("%s has no EMA weights (model_ema.*); using its regular weights", path)
 
     _check_keys(sd, expected, cfg.family, path)
+    check_finite({k: sd[k] for k in expected}, path)
     target = dtype or torch.float32
     state = {
         k: sd[k].to(torch.float32 if k in SCHEDULE_BUFFERS else target) if sd[k].is_floating_point() else sd[k]
@@ -325,9 +425,9 @@ def load_model(
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)
-    if guess_v:
+    if guess_v:  # the detected preset is sd-v2-base; a v-model is SD2's 768px one (sd-v2-v)
         model.parameterization = "v" if _guess_v_prediction(model) else "eps"
-        model.cfg = cfg.replace(parameterization=model.parameterization)
+        model.cfg = PRESETS["sd-v2-v"] if model.parameterization == "v" else cfg
         log.info("%s: SD2 file without config; guessed parameterization %r", path, model.parameterization)
     return model
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -19,14 +20,13 @@ from .checkpoint_io import CheckpointError, load_model
 from .conditions import CONDITIONS, condition_tensor, make_condition
 from .config import ConfigError
 from .diffusion import LatentDiffusion
-from .images import ImageError, load_image, save_png
+from .images import ImageError, NonFiniteError, free_path, load_image, save_png
 from .sampling import SAMPLERS
 from .tuner_files import load_tuner
 from .tuners import Control, Tuning
 
 # The embedded default: the toy shapes model this project trains itself (docs/RESULTS.md), 64x64 images.
 DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "weights" / "toy-shapes.safetensors"
-DEFAULT_RES = {DEFAULT_CKPT.name: 64}
 SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M Karras"}
 
 
@@ -94,43 +94,63 @@ def _per_control(values: list, n: int, name: str, default):
 def attach_tuners(model: LatentDiffusion, args: argparse.Namespace, width: int, height: int, outdir: Path) -> Tuning:
     """Attach --tuner and --control files to the model; returns the `Tuning` of the run (tuner scale, the
     control with its hints computed once, its range). Conditions are made at `model.cfg.condition_size`
-    (the image size for SD) and saved to <outdir>/control-<i>-<type>.png."""
+    (the image size for SD) and saved next to the outputs as control-<i>-<type>.png (never over a file)."""
     height, width = model.cfg.condition_size(height, width)
-    try:
-        if args.tuner:
-            load_tuner(model, args.tuner)
-        n = len(args.control)
-        if len(args.control_image) != n:
-            raise UsageError(f"{n} --control file(s) but {len(args.control_image)} --control-image(s): give one each")
-        if not 0.0 <= args.control_start <= args.control_end <= 1.0:
-            raise UsageError("need 0 <= --control-start <= --control-end <= 1")
-        types = _per_control(args.control_type, n, "--control-type", None)
-        weights = _per_control(args.control_weight, n, "--control-weight", 1.0)
-        mask = load_image(args.control_mask) if args.control_mask else None
-        hints = []
-        p = next(model.parameters())
-        for i, (path, image) in enumerate(zip(args.control, args.control_image, strict=True)):
-            ctrl = load_tuner(model, path)
-            kind = types[i] or ctrl.condition
-            if kind is None:
-                raise UsageError(f"{path} does not say which condition it takes: pass --control-type")
-            cond = make_condition(kind, load_image(image), width, height, mask=mask, seed=args.seed)
-            outdir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(cond).save(outdir / f"control-{i}-{kind}.png")
-            with torch.no_grad():
-                hints.append(ctrl.hints(condition_tensor(cond).to(p.device, p.dtype)))
-    except (CheckpointError, ImageError) as e:
-        raise UsageError(str(e)) from e
+    if args.tuner:
+        load_tuner(model, args.tuner, kind="sc")
+    n = len(args.control)
+    if len(args.control_image) != n:
+        raise UsageError(f"{n} --control file(s) but {len(args.control_image)} --control-image(s): give one each")
+    types = _per_control(args.control_type, n, "--control-type", None)
+    weights = _per_control(args.control_weight, n, "--control-weight", 1.0)
+    mask = load_image(args.control_mask) if args.control_mask else None
+    hints = []
+    p = next(model.parameters())
+    for i, (path, image) in enumerate(zip(args.control, args.control_image, strict=True)):
+        ctrl = load_tuner(model, path, kind="csc")
+        kind = types[i] or ctrl.condition
+        if kind is None:
+            raise UsageError(f"{path} does not say which condition it takes: pass --control-type")
+        cond = make_condition(kind, load_image(image), width, height, mask=mask, seed=args.seed)
+        save_png(Image.fromarray(cond), free_path(outdir / f"control-{i}-{kind}.png"))
+        with torch.no_grad():
+            hints.append(ctrl.hints(condition_tensor(cond).to(p.device, p.dtype)))
     control = Control(hints, weights, args.control_scale) if n else None
     return Tuning(args.tuner_scale, control, (args.control_start, args.control_end))
 
 
+# Allowed values of the numeric arguments (inclusive): flag -> (low, high)
+RANGES = {
+    "--ddim_steps": (1, 1000),
+    "--n_iter": (1, 10_000),
+    "--n_samples": (1, 256),
+    "--seed": (0, 2**32 - 1),
+    "--H": (1, 16384),
+    "--W": (1, 16384),
+    "--scale": (0.0, 100.0),
+    "--ddim_eta": (0.0, 1.0),
+    "--tuner-scale": (-10.0, 10.0),
+    "--control-scale": (0.0, 10.0),
+    "--control-weight": (-10.0, 10.0),
+    "--control-start": (0.0, 1.0),
+    "--control-end": (0.0, 1.0),
+    "--strength": (0.0, 1.0),
+}
+
+
 def check_args(args: argparse.Namespace) -> None:
+    """Every argument checked before a model is loaded: numbers in range, files present, device and output
+    folder usable. UsageError names the argument and what it accepts."""
     if args.plms:
         args.sampler = "plms"
-    for name in ("ddim_steps", "n_iter", "n_samples"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for flag, (lo, hi) in RANGES.items():
+        values = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+                allowed = f"an integer in {lo}..{hi}" if isinstance(lo, int) else f"a number in [{lo:g}, {hi:g}]"
+                raise UsageError(f"{flag} must be {allowed}, got {value}")
+    if args.control_start > args.control_end:
+        raise UsageError(f"--control-start {args.control_start} is after --control-end {args.control_end}")
     if args.sampler == "plms" and args.ddim_eta != 0:
         raise UsageError("--ddim_eta must be 0 with PLMS")
     if args.ckpt is None:
@@ -140,17 +160,36 @@ def check_args(args: argparse.Namespace) -> None:
                 "Diffusion checkpoint (.ckpt or .safetensors), or restore weights/ from git"
             )
         args.ckpt = str(DEFAULT_CKPT)
-    if not Path(args.ckpt).is_file():
-        raise UsageError(f"checkpoint not found: {args.ckpt}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    for flag, path in [("--ckpt", args.ckpt), ("--tuner", args.tuner)] + [("--control", c) for c in args.control]:
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"{flag} {path}: not found" if flag != "--ckpt" else f"checkpoint not found: {path}")
+    check_device(args.device)
+    outdir = Path(args.outdir)
+    try:
+        (outdir / "samples").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--outdir {outdir}: cannot create it ({e.strerror or e})") from None
+    if not os.access(outdir, os.W_OK):
+        raise UsageError(f"--outdir {outdir}: not writable")
+
+
+def check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r}: not a device name (cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device}: only cpu, cuda and mps are supported")
 
 
 def load(args: argparse.Namespace) -> LatentDiffusion:
-    try:
-        return load_model(args.ckpt, config=args.config, parameterization=args.parameterization, device=args.device)
-    except (CheckpointError, ConfigError) as e:
-        raise UsageError(str(e)) from e
+    return load_model(args.ckpt, config=args.config, parameterization=args.parameterization, device=args.device)
 
 
 def check_size(model: LatentDiffusion, h: int, w: int) -> None:
@@ -244,6 +283,6 @@ def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.Argumen
     args = parser.parse_args()
     try:
         main(args)
-    except (UsageError, CheckpointError, ConfigError, ImageError) as e:
+    except (UsageError, CheckpointError, ConfigError, ImageError, NonFiniteError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import to_rgb
+
 CONDITIONS = ("canny", "color", "inpaint", "raw")
 
 
@@ -23,8 +25,8 @@ def _cv2():
 
 
 def resize_center_crop(img: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale so the image covers width x height, then crop the center."""
-    img = img.convert("RGB")
+    """Scale so the image covers width x height, then crop the center (any mode: made RGB by `to_rgb`)."""
+    img = img if img.mode == "RGB" else to_rgb(img)
     scale = max(width / img.width, height / img.height)
     w, h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
     img = img.resize((w, h), Image.BICUBIC)

@@ -145,6 +145,7 @@ class ModelConfig:
     linear_start: float = 0.00085
     linear_end: float = 0.012
     timesteps: int = 1000
+    image_size: int = 64  # latent side at the native resolution (CompVis `model.params.image_size`): 512px
 
     def __post_init__(self) -> None:
         if self.parameterization not in ("eps", "v"):
@@ -159,6 +160,11 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # -- geometry -------------------------------------------------------------------------------------------
+
+    @property
+    def native_size(self) -> int:
+        """The image side the model was trained at (512 for SD1, 768 for SD2-v): the CLI's default."""
+        return self.image_size * self.vae.downsample_factor
 
     @property
     def image_multiple(self) -> int:
@@ -197,13 +203,16 @@ _TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 PRESETS: dict[str, ModelConfig] = {
     "sd-v1": ModelConfig(),
     "sd-v2-base": ModelConfig(family="sd2", unet=_SD2_UNET, text=_SD2_TEXT),
-    "sd-v2-v": ModelConfig(family="sd2", unet=_SD2_UNET, text=_SD2_TEXT, parameterization="v"),
-    "tiny-sd1": ModelConfig(unet=_TINY_UNET, vae=_TINY_VAE, text=TextConfig(width=32, layers=2, heads=2, embed_dim=32)),
+    "sd-v2-v": ModelConfig(family="sd2", unet=_SD2_UNET, text=_SD2_TEXT, parameterization="v", image_size=96),
+    "tiny-sd1": ModelConfig(
+        unet=_TINY_UNET, vae=_TINY_VAE, text=TextConfig(width=32, layers=2, heads=2, embed_dim=32), image_size=8
+    ),
     "tiny-sd2": ModelConfig(
         family="sd2",
         unet=dataclasses.replace(_TINY_UNET, num_heads=None, num_head_channels=16, use_linear_in_transformer=True),
         vae=_TINY_VAE,
         text=TextConfig(arch="open_clip", width=32, layers=3, heads=2, embed_dim=32),
+        image_size=8,
     ),
 }
 
@@ -237,23 +246,52 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str, sections: dict[
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    if value is None:
-        return value
+    """`value` as the field type `hint` (int, float, bool, str, Literal, tuple[...], list[...], unions with
+    None), or ConfigError naming what was expected. YAML reads `1e-4` as a string: accepted as a float."""
     types = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types_mod.UnionType) else (hint,)
-    if float in types and not isinstance(value, bool):
-        if isinstance(value, (int, float)):
-            return float(value)
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if int in types and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if bool in types and not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if any(typing.get_origin(t) is tuple for t in types) and isinstance(value, list):
-        return tuple(value)
-    return value
+    if value is None:
+        if type(None) in types:
+            return None
+        raise ConfigError(f"{where}: expected {_describe(types)}, got null")
+    for t in types:
+        origin = typing.get_origin(t)
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and not isinstance(value, bool):
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        if t is str and isinstance(value, str):
+            return value
+        if origin is Literal and value in typing.get_args(t):
+            return value
+        if origin in (tuple, list) and isinstance(value, (list, tuple)):
+            (item,) = {a for a in typing.get_args(t) if a is not Ellipsis}
+            items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+        if t in (dict, Any) or origin is dict:
+            return value
+    raise ConfigError(f"{where}: expected {_describe(types)}, got {value!r:.80}")
+
+
+def _describe(types: tuple) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    out = []
+    for t in types:
+        origin = typing.get_origin(t)
+        if origin is Literal:
+            out.append("one of " + ", ".join(map(repr, typing.get_args(t))))
+        elif origin in (tuple, list):
+            out.append("a list")
+        else:
+            out.append(names.get(t, getattr(t, "__name__", str(t))))
+    return " or ".join(out)
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -374,6 +412,7 @@ def _from_compvis(data: dict[str, Any], where: str) -> ModelConfig:
         linear_start=float(params.get("linear_start", 0.00085)),
         linear_end=float(params.get("linear_end", 0.012)),
         timesteps=int(params.get("timesteps", 1000)),
+        image_size=int(params.get("image_size", 64)),
     )
 
 
@@ -422,7 +461,7 @@ def to_compvis_yaml(cfg: ModelConfig) -> dict[str, Any]:
         "timesteps": cfg.timesteps,
         "first_stage_key": "jpg",
         "cond_stage_key": "txt",
-        "image_size": 64,
+        "image_size": cfg.image_size,
         "channels": 4,
         "cond_stage_trainable": False,
         "conditioning_key": "crossattn",

@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 
 from .conditions import condition_tensor, make_condition, resize_center_crop
+from .config import ConfigError
+from .images import ImageError, load_image
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -35,37 +37,63 @@ class Item:
 
 
 def scan(path: str | Path) -> list[Item]:
+    """The items of a dataset in one of the layouts above; ConfigError naming the problem otherwise."""
     path = Path(path)
     if path.is_file() and path.suffix == ".jsonl":
         return _jsonl(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"training data not found: {path}")
+        raise ConfigError(f"training data not found: {path} (data.path: a folder, or a metadata.jsonl file)")
     if (path / "metadata.jsonl").is_file():
         return _jsonl(path / "metadata.jsonl")
     if (path / "train.csv").is_file():
-        with open(path / "train.csv", newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-        if not rows or rows[0][:2] != ["Target:FILE", "Prompt"]:
-            raise ValueError(f"{path / 'train.csv'}: expected the header 'Target:FILE,Prompt'")
-        return [Item(path / r[0], r[1]) for r in rows[1:] if r]
+        return _csv(path / "train.csv")
     items = []
     for image in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS):
         txt = image.with_suffix(".txt")
-        items.append(Item(image, txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""))
+        items.append(Item(image, _read_text(txt).strip() if txt.is_file() else ""))
     if not items:
-        raise ValueError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTS))}) found")
+        raise ConfigError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTS))}) found")
+    return items
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _csv(path: Path) -> list[Item]:
+    rows = list(csv.reader(_read_text(path).splitlines()))
+    if not rows or rows[0][:2] != ["Target:FILE", "Prompt"]:
+        raise ConfigError(f"{path}: expected the header 'Target:FILE,Prompt'")
+    bad = [n for n, r in enumerate(rows[1:], 2) if r and len(r) < 2]
+    if bad:
+        raise ConfigError(f"{path}: line(s) {bad[:5]} do not have a file and a prompt")
+    items = [Item(path.parent / r[0], r[1]) for r in rows[1:] if r]
+    if not items:
+        raise ConfigError(f"{path}: no rows")
     return items
 
 
 def _jsonl(path: Path) -> list[Item]:
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 row = json.loads(line)
-                items.append(Item(path.parent / row["file_name"], row.get("text", "")))
+                if not (isinstance(row, dict) and isinstance(row["file_name"], str)):
+                    raise KeyError("file_name")
+                text = row.get("text", "")
+                if not isinstance(text, str):
+                    raise KeyError("text")
+                items.append(Item(path.parent / row["file_name"], text))
             except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{path}:{n}: expected {{'file_name': ..., 'text': ...}} ({e})") from e
+                raise ConfigError(f"{path}:{n}: expected {{'file_name': ..., 'text': ...}} ({e})") from None
+    if not items:
+        raise ConfigError(f"{path}: no rows")
     return items
 
 
@@ -106,9 +134,8 @@ class TrainDataset(torch.utils.data.Dataset):
         item = self.items[i]
         rng = np.random.default_rng([self.seed, epoch, i])
         try:
-            with Image.open(item.image) as im:
-                img = resize_center_crop(im, self.resolution, self.resolution)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            img = resize_center_crop(load_image(item.image), self.resolution, self.resolution)
+        except ImageError as e:
             if item.image not in self.bad:
                 log.warning("skipping unreadable image %s (%s)", item.image, e)
             self.bad.add(item.image)
@@ -122,10 +149,8 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def _condition(self, img: Image.Image, item: Item, rng: np.random.Generator) -> np.ndarray:
         r = self.cond_resolution
-        if self.condition_dir:
-            path = Path(self.condition_dir) / item.image.name
-            with Image.open(path) as im:
-                return make_condition("raw", im, r, r)
+        if self.condition_dir:  # checked to exist before training (`missing_conditions`)
+            return make_condition("raw", load_image(Path(self.condition_dir) / item.image.name), r, r)
         thresholds = (int(rng.integers(50, 101)), int(rng.integers(200, 351))) if self.random_thresholds else (100, 200)
         return make_condition(self.condition, img, r, r, seed=int(rng.integers(2**31)), thresholds=thresholds)
 

@@ -28,6 +28,10 @@ class ImageError(ValueError):
     """An image file that cannot be read as RGB; the message names the file and the reason."""
 
 
+class NonFiniteError(ValueError):
+    """Latents or images holding NaN or inf: nothing is written; the message names the likely cause."""
+
+
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -75,7 +79,12 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [-1, 1] -> PIL images."""
+    """[B, 3, H, W] in [-1, 1] -> PIL images. NaN or inf (which would become black) raises NonFiniteError."""
+    if not torch.isfinite(images).all():
+        raise NonFiniteError(
+            "the decoded images hold NaN or inf (the VAE overflowed, or its input was not finite); with "
+            "reduced precision, decode in fp32 (--precision full)"
+        )
     arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
 
@@ -101,6 +110,16 @@ def next_index(folder: Path, pattern: str, digits: int) -> int:
     number after a gap)."""
     numbers = [int(p.stem[-digits:]) for p in folder.glob(pattern) if p.stem[-digits:].isdigit()]
     return max(numbers, default=-1) + 1
+
+
+def free_path(path: Path) -> Path:
+    """`path`, or the first of name-1.ext, name-2.ext, ... that does not exist yet."""
+    k = 0
+    candidate = path
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+    return candidate
 
 
 def save_png(img: Image.Image, path: Path, text: dict[str, str] | None = None) -> None:

@@ -99,7 +99,7 @@ class SCMethod(Method):
 
     def export(self, model: LatentDiffusion, out_dir: Path, summary: dict) -> Path:
         path = out_dir / self.export_name
-        save_tuner_file(sc_tuner_file(model, summary), path)
+        save_tuner_file(sc_tuner_file(model, summary), path, overwrite=True)
         return path
 
 
@@ -147,7 +147,7 @@ class CSCMethod(Method):
 
     def export(self, model: LatentDiffusion, out_dir: Path, summary: dict) -> Path:
         path = out_dir / self.export_name
-        save_tuner_file(csc_tuner_file(model, self.controller, self.data_condition, summary), path)
+        save_tuner_file(csc_tuner_file(model, self.controller, self.data_condition, summary), path, overwrite=True)
         return path
 
 

@@ -15,6 +15,7 @@ after every step with a `Step` (the latents and the x0 estimate, e.g. for previe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from .images import NonFiniteError
 from .tuners import Tuning
 
 if TYPE_CHECKING:
@@ -372,6 +374,7 @@ def sample(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    check_sampling_args(steps, scale, eta, model.num_timesteps)
     p = next(model.parameters())
     b = c.shape[0]
     seeds = _seeds(seed, b)
@@ -381,16 +384,63 @@ def sample(
     denoiser = cfg_denoiser(model, c, uc, scale, tuning)
     noise_fn = NoiseStream(tuple(x.shape), seeds, x.dtype, x.device)
     if sampler == "ddim":
-        return sample_ddim(denoiser, x, steps, eta, noise_fn, callback=callback, progress=progress)
-    if sampler == "plms":
-        return sample_plms(denoiser, x, steps, callback=callback, progress=progress)
-    sigmas = (sigmas_karras if sampler == "dpmpp_2m" else sigmas_uniform)(model.alphas_cumprod, steps)
-    x = x * sigmas[0].to(x.dtype)
-    if sampler == "euler":
-        return sample_euler(denoiser, x, sigmas, callback, progress)
-    if sampler == "euler_a":
-        return sample_euler_ancestral(denoiser, x, sigmas, noise_fn, 1.0, callback, progress)
-    return sample_dpmpp_2m(denoiser, x, sigmas, callback, progress)
+        z = sample_ddim(denoiser, x, steps, eta, noise_fn, callback=callback, progress=progress)
+    elif sampler == "plms":
+        z = sample_plms(denoiser, x, steps, callback=callback, progress=progress)
+    else:
+        sigmas = (sigmas_karras if sampler == "dpmpp_2m" else sigmas_uniform)(model.alphas_cumprod, steps)
+        x = x * sigmas[0].to(x.dtype)
+        if sampler == "euler":
+            z = sample_euler(denoiser, x, sigmas, callback, progress)
+        elif sampler == "euler_a":
+            z = sample_euler_ancestral(denoiser, x, sigmas, noise_fn, 1.0, callback, progress)
+        else:
+            z = sample_dpmpp_2m(denoiser, x, sigmas, callback, progress)
+    if not torch.isfinite(z).all():  # one check at the end: no host sync inside the loop
+        raise NonFiniteError(f"the sampled latents hold NaN or inf: {non_finite_cause(model, c, uc, x, tuning)}")
+    return z
+
+
+def check_sampling_args(steps: int, scale: float, eta: float, timesteps: int = 1000) -> None:
+    """ValueError naming the allowed range of any argument outside it."""
+    if not (type(steps) is int and 1 <= steps <= timesteps):
+        raise ValueError(f"steps must be an integer in 1..{timesteps}, got {steps!r}")
+    if not (math.isfinite(scale) and 0.0 <= scale <= 100.0):
+        raise ValueError(f"the guidance scale must be a number in 0..100, got {scale}")
+    if not (math.isfinite(eta) and 0.0 <= eta <= 1.0):
+        raise ValueError(f"eta must be in 0..1 (0: deterministic DDIM, 1: DDPM's noise), got {eta}")
+
+
+def non_finite_cause(
+    model: LatentDiffusion, c: torch.Tensor, uc: torch.Tensor | None, x: torch.Tensor, tuning: Tuning | None
+) -> str:
+    """The likely cause of non-finite latents, checked in the order the inputs enter."""
+    tuning = tuning or Tuning()
+    control = tuning.control
+
+    def finite(ts) -> bool:
+        return all(torch.isfinite(t).all() for t in ts)
+
+    unet = model.model.diffusion_model
+    if not finite([c] + ([uc] if uc is not None else [])):
+        return "the text conditioning holds NaN or inf (the text encoder's weights, or the prompt features given)"
+    if not finite([x]):
+        return "the initial noise x_T holds NaN or inf"
+    if not math.isfinite(tuning.tuner_scale):
+        return f"the tuner scale is {tuning.tuner_scale}"
+    if control is not None and not (math.isfinite(control.scale) and all(math.isfinite(w) for w in control.weights)):
+        return f"the control scale or weights are not finite ({control.scale}, {control.weights})"
+    if control is not None and not finite([h for hs in control.hints for h in hs]):
+        return "the control hints hold NaN or inf (the condition image or the controller's hint encoder)"
+    for name, part in (("SC-Tuner", unet.tuners), ("CSC-Tuner controller", unet.controllers)):
+        if not finite(part.parameters()):
+            return f"the {name} weights hold NaN or inf: the file is damaged or its training diverged"
+    if not finite(p for n, p in unet.named_parameters() if not n.startswith(("tuners.", "controllers."))):
+        return "the UNet's weights hold NaN or inf"
+    return (
+        "the inputs and weights are finite, so the computation overflowed: in fp16/bf16 use full precision "
+        "(--precision full); otherwise lower the guidance or tuner scale"
+    )
 
 
 def _seeds(seed: int | list[int] | None, n: int) -> list[int]:

@@ -10,6 +10,7 @@ Both map a list of prompts to `[B, 77, width]` token features (the UNet's cross-
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 from .config import TextConfig
 
 SOT, EOT = 49406, 49407
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)
@@ -29,11 +31,20 @@ def _bpe():
 
 
 def tokenize(prompts: list[str], context_length: int = 77, pad: int = 0) -> torch.Tensor:
-    """[B, context_length] int64: start token, BPE tokens (truncated), end token, then `pad`."""
+    """[B, context_length] int64: start token, BPE tokens (truncated, with a warning), end token, then `pad`."""
     bpe = _bpe()
     out = torch.full((len(prompts), context_length), pad, dtype=torch.long)
     for i, text in enumerate(prompts):
-        ids = [SOT] + bpe.encode(text)[: context_length - 2] + [EOT]
+        tokens = bpe.encode(text)
+        if len(tokens) > context_length - 2:
+            kept = bpe.decode(tokens[: context_length - 2])
+            log.warning(
+                "a prompt of %d tokens: the text encoder reads the first %d, up to '...%s'; the rest is ignored",
+                len(tokens),
+                context_length - 2,
+                kept[-30:].strip(),
+            )
+        ids = [SOT] + tokens[: context_length - 2] + [EOT]
         out[i, : len(ids)] = torch.tensor(ids)
     return out
 

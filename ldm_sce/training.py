@@ -9,6 +9,12 @@ scaler for fp16); atomic checkpoints with exact resume; DistributedDataParallel 
 Randomness (data order, caption dropout, timesteps, noise, posterior samples) is drawn from generators
 seeded by (seed, step, sample index in the global batch): a run is reproducible and resumable from its
 step count alone, and any split of the global batch over processes sees the same samples and noise.
+
+Nothing is lost or made silently: every file the config names is checked before the model is loaded and
+every image before step 1; a fresh run refuses an output_dir holding another run's checkpoints; a loss or
+a weight that is not finite stops the run and exports nothing; the result is exported before the final
+validation images are made; a resumed run states what differs from the config it was saved with and
+refuses changes that break its exactness unless forced.
 """
 
 from __future__ import annotations
@@ -21,138 +27,30 @@ import os
 import random
 import resource
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
+from PIL import Image
 from torch import nn
 
-from .checkpoint_io import load_model
-from .config import ConfigError, build_dataclass
+from .checkpoint_io import CheckpointError, load_model
+from .config import ConfigError
 from .data import TrainDataset, collate, scan
 from .diffusion import LatentDiffusion
-from .methods import METHODS, Method, MethodSection, build_method
+from .images import ImageError, load_image
+from .methods import Method, build_method
+from .train_config import OptimSection, TrainConfig, config_changes, load_train_config
+
+__all__ = ["OptimSection", "TrainConfig", "Trainer", "TrainingError", "load_train_config", "lr_factor"]
 
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelSection:
-    ckpt: str = ""
-    config: str | None = None  # preset or YAML; None: detected from the checkpoint
-    parameterization: str | None = None
-
-
-@dataclass
-class DataSection:
-    path: str = ""
-    resolution: int = 512
-    trigger: str = ""  # prefix of every caption, e.g. "<sce> "
-    suffix: str = ""  # appended to every caption, e.g. " zqx style" (kohya's caption_suffix)
-    caption_dropout: float = 0.0
-    condition_dir: str | None = None
-    cache: bool = False  # keep VAE posteriors and text features in memory (small datasets)
-
-
-@dataclass
-class OptimSection:
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    eps: float = 1e-8  # AdamW epsilon
-    batch_size: int = 1  # global batch per optimiser micro-step, split over processes
-    grad_accum: int = 1
-    warmup_steps: int = 0
-    max_steps: int = 1000
-    lr_schedule: str = "constant"  # after warmup: constant | cosine (to 0 at max_steps)
-
-
-@dataclass
-class ValidationSection:
-    every: int = 0  # 0: only at the end
-    prompts: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0])
-    steps: int = 20
-    scale: float = 7.5
-    control_images: list[str] = field(default_factory=list)  # csc: one per prompt (raw images)
-
-
-@dataclass
-class TrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    method: MethodSection = field(default_factory=MethodSection)
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    validation: ValidationSection = field(default_factory=ValidationSection)
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    gradient_checkpointing: bool = False  # recompute decoder blocks in backward (less memory, more time)
-    # offset noise (kohya's and diffusers' --noise_offset): add offset * N(0, 1) per image and channel to the
-    # noise, so the model cannot read the image's mean colour from the noise's at high t (0.1 is usual)
-    noise_offset: float = 0.0
-    seed: int = 0
-    output_dir: str = "outputs/train"
-    save_every: int = 500
-    keep_last: int = 3
-    log_every: int = 10
-
-    def check(self) -> TrainConfig:
-        """Raise ConfigError naming the first bad setting; returns self."""
-        if self.method.name not in METHODS:
-            raise ConfigError(f"method.name must be one of {tuple(METHODS)}, got {self.method.name!r}")
-        checks = [
-            (
-                self.precision in ("fp32", "bf16", "fp16"),
-                f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
-            ),
-            (bool(self.model.ckpt), "model.ckpt is required (the base checkpoint)"),
-            (bool(self.data.path), "data.path is required"),
-            *((False, e) for e in METHODS[self.method.name].check(self.method, self.data.condition_dir)),
-            (
-                self.optim.batch_size >= 1 and self.optim.grad_accum >= 1 and self.optim.max_steps >= 1,
-                "optim.batch_size, grad_accum and max_steps must be at least 1",
-            ),
-            (self.noise_offset >= 0, f"noise_offset must be >= 0, got {self.noise_offset}"),
-            (
-                self.optim.lr_schedule in ("constant", "cosine"),
-                f"optim.lr_schedule must be constant or cosine, got {self.optim.lr_schedule!r}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        return self
-
-
-_SECTIONS = {
-    "model": ModelSection,
-    "method": MethodSection,
-    "data": DataSection,
-    "optim": OptimSection,
-    "validation": ValidationSection,
-}
-
-
-def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """YAML file plus `section.key=value` overrides (values parsed as YAML)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-4)")
-        node = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value) if value.strip() else ""  # `data.trigger=` sets an empty string
-    return build_dataclass(TrainConfig, data, str(path), _SECTIONS).check()
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a loss that is not finite, an unusable dataset): nothing is exported."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,7 +83,7 @@ class TrainStep(nn.Module):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: str | None = None):
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, resume_force: bool = False):
         self.cfg = cfg
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if self.world > 1 and not dist.is_initialized():
@@ -196,10 +94,15 @@ class Trainer:
             f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         )
         self.out = Path(cfg.output_dir)
+        resume_path = self._resolve_resume(resume) if resume else None
+        self._check_files(fresh=resume_path is None)
         torch.manual_seed(cfg.seed)
 
         # -- model and trainable parameters (methods.py) --
         self.model = load_model(cfg.model.ckpt, cfg.model.config, cfg.model.parameterization, device=self.device)
+        multiple = self.model.cfg.image_multiple
+        if cfg.data.resolution % multiple:
+            raise ConfigError(f"data.resolution {cfg.data.resolution}: this model takes multiples of {multiple}")
         unet = self.model.model.diffusion_model
         self.method = build_method(cfg.method)
         self.params = self.method.attach(unet)
@@ -234,9 +137,56 @@ class Trainer:
             condition_dir=d.condition_dir,
             random_thresholds=cfg.method.random_thresholds,
         )
+        self._check_images()
         self.step = 0
-        if resume:
-            self._load(self._resolve_resume(resume))
+        if resume_path is not None:
+            self._load(resume_path, resume_force)
+
+    # -- inputs, checked before anything is trained --
+    def _check_files(self, fresh: bool) -> None:
+        """Every file the config names exists and reads; a fresh run does not write over another run."""
+        cfg = self.cfg
+        if not Path(cfg.model.ckpt).is_file():
+            raise ConfigError(f"model.ckpt {cfg.model.ckpt} not found")
+        for k, image in enumerate(cfg.validation.control_images):
+            try:
+                load_image(image)
+            except ImageError as e:
+                raise ConfigError(f"validation.control_images[{k}]: {e}") from None
+        if cfg.data.condition_dir is not None and not Path(cfg.data.condition_dir).is_dir():
+            raise ConfigError(f"data.condition_dir {cfg.data.condition_dir} is not a folder")
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"output_dir {self.out} is a file")
+        earlier = sorted((self.out / "checkpoints").glob("step-*.pt"))
+        if fresh and earlier:
+            raise ConfigError(
+                f"output_dir {self.out} holds the checkpoints of an earlier run (up to {earlier[-1].name}): pass "
+                "--resume latest to continue it, or choose another output_dir"
+            )
+
+    def _check_images(self) -> None:
+        """Open every training image's header (and find its condition map): unreadable ones are skipped from
+        the start (counted in `bad`); a dataset with none readable is an error."""
+        data = self.data
+        for item in data.items:
+            try:
+                with Image.open(item.image):
+                    pass
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                log.warning("skipping unreadable image %s (%s)", item.image, e)
+                data.bad.add(item.image)
+        if len(data.bad) == len(data.items):
+            raise ConfigError(
+                f"data.path {self.cfg.data.path}: none of its {len(data.items)} image(s) can be read, e.g. "
+                f"{sorted(map(str, data.bad))[:3]}"
+            )
+        if data.condition_dir is not None:
+            missing = [i.image.name for i in data.items if not (Path(data.condition_dir) / i.image.name).is_file()]
+            if missing:
+                raise ConfigError(
+                    f"data.condition_dir {data.condition_dir} lacks the condition map of {len(missing)} image(s), "
+                    f"e.g. {missing[:3]} (each needs the same file name)"
+                )
 
     # -- data order: a permutation per epoch, the global batch at step s is a slice of it --
     def _global_indices(self, micro: int) -> list[int]:
@@ -333,14 +283,16 @@ class Trainer:
                             * batch["weight"]
                         )
                     losses.append(loss.item())
+                    if not math.isfinite(losses[-1]):
+                        raise TrainingError(self._diverged(f"the loss is {losses[-1]}"))
                 self.scaler.scale(loss / o.grad_accum).backward()
             self.scaler.step(self.opt)
             self.scaler.update()
             self.sched.step()
             self.step += 1
             bar.update(1)
-            loss_value = float(np.mean(losses)) if losses else float("nan")
-            bar.set_postfix(loss=f"{loss_value:.4f}")
+            loss_value = float(np.mean(losses)) if losses else None  # None: every image was unreadable
+            bar.set_postfix(loss="-" if loss_value is None else f"{loss_value:.4f}")
             if self.rank == 0:
                 self._log(
                     {
@@ -362,20 +314,31 @@ class Trainer:
                 if cfg.validation.every and self.step % cfg.validation.every == 0:
                     self.sample_validation()
         bar.close()
+        if not all(torch.isfinite(p).all() for p in self.params):
+            raise TrainingError(self._diverged("the trained weights hold NaN or inf"))
         if self.world > 1:
             self._check_ranks_agree()
         if self.rank != 0:
             return None
         self._save()
+        path = self.export()  # before the final validation images: they cannot lose the result
         if cfg.validation.prompts and not (cfg.validation.every and self.step % cfg.validation.every == 0):
             self.sample_validation()  # the final step was not validated in the loop
-        return self.export()
+        return path
+
+    def _diverged(self, what: str) -> str:
+        o = self.cfg.optim
+        return (
+            f"step {self.step + 1}: {what}; the run stops and exports nothing (checkpoints before this step are "
+            f"kept). Likely causes: a learning rate too high (optim.lr {o.lr:g}), fp16 overflow (precision "
+            f"{self.cfg.precision}: try bf16 or fp32), or a base model or data that give non-finite values"
+        )
 
     # -- outputs --
     def _log(self, row: dict) -> None:
         if row["step"] % self.cfg.log_every == 0 or row["step"] == 1 or "loss" not in row:
             with open(self.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(row, allow_nan=False) + "\n")  # JSON lines: NaN is not JSON
 
     def _check_ranks_agree(self) -> None:
         """DDP keeps the replicas equal; verify it bitwise before rank 0 writes the result."""
@@ -456,14 +419,36 @@ class Trainer:
 
     def _resolve_resume(self, resume: str) -> Path:
         if resume != "latest":
+            if not Path(resume).is_file():
+                raise CheckpointError(f"--resume {resume}: no such checkpoint")
             return Path(resume)
         found = sorted((self.out / "checkpoints").glob("step-*.pt"))
         if not found:
-            raise FileNotFoundError(f"--resume latest: no checkpoints in {self.out / 'checkpoints'}")
+            raise CheckpointError(f"--resume latest: no checkpoints in {self.out / 'checkpoints'}")
         return found[-1]
 
-    def _load(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # our own state: tensors and plain data
+    def _load(self, path: Path, force: bool) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # our own state: tensors, plain data
+        except Exception as e:  # any damage: truncated zip, bad pickle, bad storage
+            raise CheckpointError(
+                f"{path}: the training checkpoint is truncated or corrupt ({e}); resume from an earlier one in "
+                "the checkpoints folder"
+            ) from None
+        keys = {"step", "params", "optimizer", "scheduler", "scaler", "rng", "config"}
+        if not (isinstance(state, dict) and keys <= set(state)):
+            raise CheckpointError(f"{path}: not a training checkpoint of ldm-sce (it lacks {sorted(keys)})")
+        breaking, harmless = config_changes(state["config"], self.cfg)
+        if harmless:
+            log.info("resuming %s with changed settings: %s", path, "; ".join(harmless))
+        if breaking and not force:
+            raise ConfigError(
+                f"{path} was saved with another config, and resuming would not continue that run exactly: "
+                + "; ".join(breaking)
+                + ". Restore those settings, or pass --resume-force to resume with the new ones"
+            )
+        if breaking:
+            log.warning("resuming %s with changed settings (forced): %s", path, "; ".join(breaking))
         if len(state["params"]) != len(self.params) or any(
             a.shape != b.shape for a, b in zip(state["params"], self.params, strict=True)
         ):

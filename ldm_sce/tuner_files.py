@@ -3,8 +3,14 @@
 Own format: one `.safetensors` file whose keys are the module's attribute names (`tuners.{m}.ln1.weight`
 for SC-Tuners, m in decoder order; `pre_hint_blocks.*`, `dense_hint_blocks.*`, `lsc_tuner_blocks.*` for a
 CSC-Tuner controller) and whose metadata says what it is, so it loads with no other file:
-`ldm_sce.tuner` = JSON {kind: 'sc'|'csc', base: 'sd1'|'sd2'|None, skip_dims, skips, down_ratio, op,
-kernel, hint_channels, hint_ratio, condition, training}.
+`ldm_sce.tuner` = JSON {format: 1, kind: 'sc'|'csc', base: 'sd1'|'sd2'|None, skip_dims, skips, down_ratio,
+op, kernel, hint_channels, hint_ratio, condition, training}.
+
+Reading validates that metadata against this schema: bad JSON, a missing or mistyped field, or an unknown
+field is an error naming it (an unknown field means a newer ldm-sce wrote the file, or it was edited; a
+field that changes how the tuner computes cannot be skipped safely, so it is not ignored), and so is a
+`format` above the one this version reads. Files of earlier versions of this project, with no `format`,
+are format 1. `training` is free-form (the training summary) and not checked.
 
 Official formats (SPEC section 5), recognised from their key names:
 - swift adapter dir (`0_SwiftSCETuning/adapter_model.safetensors|.bin`):
@@ -18,6 +24,7 @@ Their structure (dims, down ratio, kernel, hint width) is read from the weights'
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,13 +33,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint_io import CheckpointError, read_checkpoint
+from .checkpoint_io import KIND_NAMES, CheckpointError, check_finite, file_kind, read_checkpoint
+from .conditions import CONDITIONS
 from .tuners import CSCTuner, SCTuner
 
 if TYPE_CHECKING:
     from .diffusion import LatentDiffusion
 
 META_KEY = "ldm_sce.tuner"
+FORMAT = 1  # the tuner-file format this version writes and reads
 
 
 @dataclass
@@ -51,7 +60,59 @@ class TunerFile:
     training: dict = field(default_factory=dict)
 
     def metadata(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "state_dict"}
+        return {"format": FORMAT, **{k: v for k, v in self.__dict__.items() if k != "state_dict"}}
+
+
+def _is_int(v) -> bool:
+    return type(v) is int
+
+
+_SCHEMA = {  # field: (check, what it must be)
+    "kind": (lambda v: v in ("sc", "csc"), "'sc' or 'csc'"),
+    "skip_dims": (lambda v: isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v), "a list of channels"),
+    "skips": (lambda v: isinstance(v, list) and all(_is_int(m) and m >= 0 for m in v), "a list of skip indices"),
+    "base": (lambda v: v is None or isinstance(v, str), "a family name or null"),
+    "down_ratio": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a positive number"),
+    "op": (lambda v: v in ("linear", "conv"), "'linear' or 'conv'"),
+    "kernel": (lambda v: v in (1, 3) and _is_int(v), "1 or 3"),
+    "hint_channels": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "hint_ratio": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "condition": (lambda v: v is None or v in CONDITIONS, f"null or one of {', '.join(CONDITIONS)}"),
+    "training": (lambda v: isinstance(v, dict), "a mapping"),
+}
+
+
+def _parse_metadata(raw: str, path: Path) -> dict:
+    """The `ldm_sce.tuner` JSON, checked against the schema (module docstring)."""
+    where = f"{path}: its '{META_KEY}' metadata"
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{where} is not valid JSON ({e}); the file is damaged") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where} is not a JSON object")
+    fmt = meta.pop("format", 1)
+    if not _is_int(fmt) or fmt < 1:
+        raise CheckpointError(f"{where} has format {fmt!r}, not a version number")
+    if fmt > FORMAT:
+        raise CheckpointError(
+            f"{where} is format {fmt}, written by a newer ldm-sce; this version reads format {FORMAT}: upgrade"
+        )
+    unknown = sorted(set(meta) - set(_SCHEMA))
+    if unknown:
+        raise CheckpointError(
+            f"{where} has unknown field(s) {unknown}: written by a newer ldm-sce (upgrade) or edited by hand"
+        )
+    missing = sorted({"kind", "skip_dims", "skips"} - set(meta))
+    if missing:
+        raise CheckpointError(f"{where} lacks the field(s) {missing}; the file is damaged or not a tuner file")
+    for name, value in meta.items():
+        ok, what = _SCHEMA[name]
+        if not ok(value):
+            raise CheckpointError(f"{where}: field {name!r} is {value!r:.80}, expected {what}")
+    if any(m >= len(meta["skip_dims"]) for m in meta["skips"]) or len(set(meta["skips"])) != len(meta["skips"]):
+        raise CheckpointError(f"{where}: skips {meta['skips']} do not index its skip_dims {meta['skip_dims']}")
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -59,11 +120,14 @@ class TunerFile:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def save_tuner_file(tf: TunerFile, path: str | Path) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
+def save_tuner_file(tf: TunerFile, path: str | Path, overwrite: bool = False) -> None:
+    """Write atomically (a temporary file in the same folder, then rename); an existing file is replaced only
+    with `overwrite` (FileExistsError otherwise)."""
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another name or remove it first")
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tf.state_dict.items()}
     save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(tf.metadata())})
@@ -71,12 +135,20 @@ def save_tuner_file(tf: TunerFile, path: str | Path) -> None:
 
 
 def read_tuner_file(path: str | Path) -> TunerFile:
-    """Our format, or any official SCEdit layout (a file or a directory holding one)."""
+    """Our format, or any official SCEdit layout (a file or a directory holding one), validated."""
     path = _resolve(Path(path))
     sd, extras = read_checkpoint(path)
+    check_finite(sd, path)
     if META_KEY in extras:
-        meta = json.loads(extras[META_KEY])
+        meta = _parse_metadata(extras[META_KEY], path)
+        if meta["kind"] == "sc":
+            bad = [k for k in sd if not _OWN_SC_KEY.match(k)]
+            if bad:
+                raise CheckpointError(f"{path}: keys that are not SC-Tuner weights: {bad[:5]}")
         return TunerFile(state_dict=sd, **meta)
+    kind = file_kind(sd, extras)
+    if kind in ("checkpoint", "sdxl", "lora"):
+        raise CheckpointError(f"{path}: this is {KIND_NAMES[kind]}, not a tuner file")
     return _from_official(sd, path)
 
 
@@ -92,6 +164,7 @@ def _resolve(path: Path) -> Path:
     raise CheckpointError(f"tuner not found: {path}")
 
 
+_OWN_SC_KEY = re.compile(r"^tuners\.(\d+)\.ln[12]\.(?:weight|bias)$")
 _SC_KEY = re.compile(r"^(?:model\.)?lsc_identity\.(\d+)\.(?:scetuner_\d+_\w+\.)?tuner_op\.(ln[12]\.(?:weight|bias))$")
 _CSC_KEY = re.compile(r"^(?:model\.)?0\.(pre_hint_blocks|dense_hint_blocks|lsc_tuner_blocks)\.(.+)$")
 
@@ -164,29 +237,37 @@ def _check_base(tf: TunerFile, model: LatentDiffusion, path: str | Path) -> None
         )
 
 
-def load_tuner(model: LatentDiffusion, path: str | Path, condition: str | None = None) -> list[SCTuner] | CSCTuner:
-    """Attach the tuner in `path` (our format or an official one) to `model` (a LatentDiffusion).
-    Returns the attached SC-Tuners (list) or the CSCTuner controller."""
+def load_tuner(
+    model: LatentDiffusion, path: str | Path, condition: str | None = None, kind: str | None = None
+) -> list[SCTuner] | CSCTuner:
+    """Attach the tuner in `path` (our format or an official one) to `model` (a LatentDiffusion) and return
+    the attached SC-Tuners (list) or the CSCTuner controller. `kind` ('sc' or 'csc'): the kind the caller
+    expects; a file of the other kind is refused, naming what it is. The model is changed only once the
+    whole file has been checked."""
     tf = read_tuner_file(path)
+    if kind is not None and tf.kind != kind:
+        raise CheckpointError(f"{path}: this is {KIND_NAMES[tf.kind]}, not {KIND_NAMES[kind].split(' (')[0]}")
     _check_base(tf, model, path)
     unet = model.model.diffusion_model
     p = next(unet.parameters())
     if tf.kind == "sc":
-        unexpected = [k for k in tf.state_dict if int(k.split(".")[1]) not in tf.skips]
+        tuners = {m: SCTuner(tf.skip_dims[m], tf.down_ratio, tf.op) for m in tf.skips}
+        listed = {f"tuners.{m}.{k}" for m, t in tuners.items() for k in t.state_dict()}
+        unexpected = sorted(set(tf.state_dict) - listed)
         if unexpected:
             raise CheckpointError(f"{path}: keys for skips not listed in its metadata: {unexpected[:5]}")
-        tuners = unet.attach_sc_tuners(tf.down_ratio, tf.skips, tf.op)
-        for m, tuner in zip(tf.skips, tuners, strict=True):
-            _strict_load(
-                tuner,
-                {k[len(f"tuners.{m}.") :]: v for k, v in tf.state_dict.items() if k.startswith(f"tuners.{m}.")},
-                path,
-            )
-        return tuners
-    ctrl = CSCTuner(model.cfg.unet, tf.kernel, tf.hint_channels, tf.hint_ratio, tf.down_ratio).to(p.device, p.dtype)
+        for m, tuner in tuners.items():
+            prefix = f"tuners.{m}."
+            _strict_load(tuner, {k[len(prefix) :]: v for k, v in tf.state_dict.items() if k.startswith(prefix)}, path)
+        slots = list(unet.tuners)
+        for m, tuner in tuners.items():
+            slots[m] = tuner.to(p.device, p.dtype).eval().requires_grad_(False)
+        unet.replace_tuners(slots)
+        return [slots[m] for m in tf.skips]
+    ctrl = CSCTuner(model.cfg.unet, tf.kernel, tf.hint_channels, tf.hint_ratio, tf.down_ratio)
     _strict_load(ctrl, tf.state_dict, path)
     ctrl.condition = condition or tf.condition
-    return unet.attach_controller(ctrl.eval().requires_grad_(False))
+    return unet.attach_controller(ctrl.to(p.device, p.dtype).eval().requires_grad_(False))
 
 
 def _strict_load(module: torch.nn.Module, sd: dict[str, torch.Tensor], path) -> None:

@@ -35,7 +35,7 @@ def test_unknown_key_is_named(tmp_path):
 
 def test_preset_overrides(tmp_path):
     path = tmp_path / "ok.yaml"
-    path.write_text("preset: sd-v2-base\nparameterization: v\n")
+    path.write_text("preset: sd-v2-base\nparameterization: v\nimage_size: 96\n")
     assert load_config(path) == PRESETS["sd-v2-v"]
 
 

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm_sce.checkpoint_io import CheckpointError  # noqa: E402
 from ldm_sce.config import ConfigError  # noqa: E402
-from ldm_sce.training import Trainer, load_train_config  # noqa: E402
+from ldm_sce.images import ImageError, NonFiniteError  # noqa: E402
+from ldm_sce.training import Trainer, TrainingError, load_train_config  # noqa: E402
 
 
 def main(args: argparse.Namespace) -> None:
@@ -32,7 +33,7 @@ def main(args: argparse.Namespace) -> None:
     cfg = load_train_config(args.base, args.overrides)
 
     # -- train, then export the tuner --
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = Trainer(cfg, resume=args.resume, resume_force=args.resume_force)
     final = trainer.train()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -47,10 +48,15 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="training config YAML (configs/train/*.yaml)")
     p.add_argument("--resume", help="a checkpoint path, or 'latest' in output_dir/checkpoints")
+    p.add_argument(
+        "--resume-force",
+        action="store_true",
+        help="resume although the config differs from the checkpoint's in settings that change the run",
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
     args = p.parse_args()
     try:
         main(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, ImageError, NonFiniteError, TrainingError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -25,9 +25,9 @@ from ldm_sce.sampling import sample  # noqa: E402
 def main(args: argparse.Namespace) -> None:
     # -- arguments and model --
     cli.check_args(args)
-    native = cli.DEFAULT_RES.get(Path(args.ckpt).name, 512)  # the toy model makes 64x64 images
-    args.H, args.W = args.H or native, args.W or native
     model = cli.load(args)
+    native = model.cfg.native_size  # from the model's config: 512 for SD1, 768 for SD2-v, 64 for the toy
+    args.H, args.W = args.H or native, args.W or native
     cli.check_size(model, args.H, args.W)
     prompts = cli.read_prompts(args)
 
@@ -92,8 +92,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_common_args(p)
     cli.add_tuner_args(p)
-    p.add_argument("--H", type=int, help="image height in pixels (default 512; 64 for the embedded toy model)")
-    p.add_argument("--W", type=int, help="image width in pixels (default 512; 64 for the embedded toy model)")
+    p.add_argument("--H", type=int, help="image height in pixels (default: the model's own, e.g. 512 for SD1)")
+    p.add_argument("--W", type=int, help="image width in pixels (default: the model's own, e.g. 512 for SD1)")
     return p
 
 
