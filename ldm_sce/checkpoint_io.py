@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import pickle
 import zipfile
 from collections import OrderedDict
@@ -64,9 +65,10 @@ def _rebuild_tensor(storage: torch.Tensor, offset: int, size, stride, *_unused) 
     if offset < 0 or any(v < 0 for v in (*size, *stride)):
         raise CheckpointError("corrupt checkpoint: a tensor has a negative size, stride or offset")
     last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True)) if all(size) else -1
-    if last >= storage.numel():
+    if last >= storage.numel() or math.prod(size) > max(storage.numel(), 1):  # no view larger than its storage
         raise CheckpointError(
-            f"corrupt checkpoint: a tensor {list(size)} reaches element {last} of a storage of {storage.numel()}"
+            f"corrupt checkpoint: a tensor {list(size)} (strides {list(stride)}) does not fit its storage of "
+            f"{storage.numel()} values"
         )
     return storage.as_strided(size, stride, offset)
 

@@ -51,6 +51,15 @@ class UNetConfig:
     def __post_init__(self) -> None:
         if (self.num_heads is None) == (self.num_head_channels is None):
             raise ConfigError("unet: set exactly one of num_heads (SD1) and num_head_channels (SD2)")
+        _positive("unet", self, "in_channels out_channels model_channels num_res_blocks transformer_depth context_dim")
+        if not self.channel_mult or not all(type(m) is int and 1 <= m <= 64 for m in self.channel_mult):
+            raise ConfigError(f"unet.channel_mult must be 1 to 64 per level, got {self.channel_mult}")
+        widths = sorted({self.model_channels * m for m in self.channel_mult})
+        if any(w % 32 for w in widths) or widths[-1] > 65536:
+            raise ConfigError(f"unet: level widths {widths} must be multiples of 32 (GroupNorm's groups), <= 65536")
+        head = self.num_heads if self.num_heads is not None else self.num_head_channels
+        if type(head) is not int or head < 1 or any(w % head for w in widths):
+            raise ConfigError(f"unet: num_heads / num_head_channels {head} must divide every level width {widths}")
 
     def heads(self, channels: int) -> tuple[int, int]:
         """(number of heads, head dim) of a SpatialTransformer with `channels` channels."""
@@ -108,6 +117,15 @@ class VAEConfig:
     z_channels: int = 4
     embed_dim: int = 4
 
+    def __post_init__(self) -> None:
+        _positive("vae", self, "in_channels out_ch ch num_res_blocks z_channels embed_dim")
+        if not self.ch_mult or not all(type(m) is int and 1 <= m <= 64 for m in self.ch_mult):
+            raise ConfigError(f"vae.ch_mult must be 1 to 64 per level, got {self.ch_mult}")
+        if any(self.ch * m % 32 for m in self.ch_mult) or self.ch * max(self.ch_mult) > 65536:
+            raise ConfigError(
+                f"vae: level widths ch {self.ch} x ch_mult {self.ch_mult} must be multiples of 32 (GroupNorm), <= 65536"
+            )
+
     @property
     def downsample_factor(self) -> int:
         """Image side / latent side: the encoder halves the image at every level but the last."""
@@ -130,6 +148,12 @@ class TextConfig:
     def __post_init__(self) -> None:
         if self.arch not in ("clip", "open_clip"):
             raise ConfigError(f"text.arch must be 'clip' or 'open_clip', got {self.arch!r}")
+        _positive("text", self, "width layers heads vocab_size context_length embed_dim")
+        if self.width % self.heads or self.width > 65536 or self.vocab_size > 10**6 or self.context_length < 3:
+            raise ConfigError(
+                f"text: heads {self.heads} must divide width {self.width} (<= 65536); vocab_size <= 1e6; "
+                f"context_length >= 3 (got {self.vocab_size}, {self.context_length})"
+            )
 
 
 @dataclass(frozen=True)
@@ -150,6 +174,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.parameterization not in ("eps", "v"):
             raise ConfigError(f"parameterization must be 'eps' or 'v', got {self.parameterization!r}")
+        if self.family not in ("sd1", "sd2"):
+            raise ConfigError(f"family must be 'sd1' or 'sd2', got {self.family!r}")
+        _positive("model", self, "timesteps image_size")
+        if not (math.isfinite(self.scale_factor) and self.scale_factor > 0):
+            raise ConfigError(f"scale_factor must be a positive number, got {self.scale_factor}")
+        if not 0.0 < self.linear_start < self.linear_end < 1.0 or self.timesteps > 100_000:
+            raise ConfigError(
+                f"the schedule needs 0 < linear_start < linear_end < 1 and timesteps <= 100000, got "
+                f"{self.linear_start}, {self.linear_end}, {self.timesteps}"
+            )
         if self.unet.context_dim != self.text.width:
             raise ConfigError(
                 f"unet.context_dim {self.unet.context_dim} != text.width {self.text.width}: "
@@ -188,6 +222,13 @@ class ModelConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _positive(where: str, cfg: Any, names: str) -> None:
+    for name in names.split():
+        value = getattr(cfg, name)
+        if type(value) is not int or value < 1:
+            raise ConfigError(f"{where}.{name} must be a positive integer, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -315,8 +356,8 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> ModelConfig
     return _build(ModelConfig, data, where)
 
 
-def _preset_name(name: str) -> str:
-    if name not in PRESETS:
+def _preset_name(name: Any) -> str:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return name
 
@@ -358,62 +399,76 @@ _IGNORED_LDM = set(
 _IGNORED_UNET = {"image_size", "use_checkpoint", "use_fp16", "legacy", "use_spatial_transformer", "dropout"}
 
 
+def _section(d: dict[str, Any], key: str, where: str, default: Any = ...) -> Any:
+    """d[key] as a mapping (or `default` when absent), or ConfigError naming the path."""
+    if key not in d and default is not ...:
+        return default
+    value = d.get(key)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}.{key}: expected a mapping, got {'nothing' if key not in d else repr(value)[:60]}")
+    return value
+
+
+def _target(d: dict[str, Any], known, where: str) -> str:
+    target = d.get("target")
+    if not isinstance(target, str) or target not in known:
+        raise ConfigError(f"{where}.target {target!r} is not supported (expected {', '.join(sorted(known))})")
+    return target
+
+
 def _from_compvis(data: dict[str, Any], where: str) -> ModelConfig:
-    model = data["model"]
-    if model["target"] not in _COMPVIS_LDM:
-        raise ConfigError(f"{where}: model.target {model['target']!r} is not a LatentDiffusion model we support")
-    params = model.get("params", {})
-    unknown = sorted(set(params) - _IGNORED_LDM)
+    model = _section(data, "model", where)
+    _target(model, _COMPVIS_LDM, f"{where}: model")
+    params = _section(model, "params", f"{where}: model", {})
+    unknown = sorted(map(str, set(params) - _IGNORED_LDM))
     if unknown:
         raise ConfigError(f"{where}: unsupported model.params key(s) {unknown}")
     if params.get("conditioning_key", "crossattn") != "crossattn":
         raise ConfigError(f"{where}: conditioning_key {params['conditioning_key']!r} is not supported (crossattn only)")
+    p = f"{where}: model.params"
 
-    unet_cfg = params["unet_config"]
-    if unet_cfg.get("target") not in _COMPVIS_UNET:
-        raise ConfigError(f"{where}: unet_config.target {unet_cfg.get('target')!r} is not supported")
-    up = dict(unet_cfg["params"])
-    if up.get("num_heads", -1) == -1:
-        up.pop("num_heads", None)
-        up["num_heads"] = None
-    if up.get("num_head_channels", -1) == -1:
-        up["num_head_channels"] = None
-    unet = _build(UNetConfig, {k: v for k, v in up.items() if k not in _IGNORED_UNET}, f"{where}: unet_config")
+    unet_cfg = _section(params, "unet_config", p)
+    _target(unet_cfg, _COMPVIS_UNET, f"{p}.unet_config")
+    up = dict(_section(unet_cfg, "params", f"{p}.unet_config"))
+    for heads in ("num_heads", "num_head_channels"):  # -1 (or absent) means "not set" in the original
+        if up.get(heads, -1) == -1:
+            up[heads] = None
+    unet = _build(UNetConfig, {k: v for k, v in up.items() if k not in _IGNORED_UNET}, f"{p}.unet_config")
 
-    vae_cfg = params["first_stage_config"]
-    if vae_cfg.get("target") not in _COMPVIS_VAE:
-        raise ConfigError(f"{where}: first_stage_config.target {vae_cfg.get('target')!r} is not supported")
-    dd = dict(vae_cfg["params"]["ddconfig"])
+    vae_cfg = _section(params, "first_stage_config", p)
+    _target(vae_cfg, _COMPVIS_VAE, f"{p}.first_stage_config")
+    vae_params = _section(vae_cfg, "params", f"{p}.first_stage_config")
+    dd = dict(_section(vae_params, "ddconfig", f"{p}.first_stage_config.params"))
     if dd.pop("attn_resolutions", []):
         raise ConfigError(f"{where}: VAE attn_resolutions other than [] are not supported")
     if not dd.pop("double_z", True):
         raise ConfigError(f"{where}: a VAE with double_z false is not a KL autoencoder")
     for ignored in ("resolution", "dropout"):
         dd.pop(ignored, None)
-    vae = _build(VAEConfig, {**dd, "embed_dim": vae_cfg["params"]["embed_dim"]}, f"{where}: ddconfig")
+    if "embed_dim" not in vae_params:
+        raise ConfigError(f"{p}.first_stage_config.params: embed_dim is missing")
+    vae = _build(VAEConfig, {**dd, "embed_dim": vae_params["embed_dim"]}, f"{p}.first_stage_config.params.ddconfig")
 
-    text_target = params["cond_stage_config"].get("target")
-    if text_target not in _COMPVIS_TEXT:
-        raise ConfigError(f"{where}: cond_stage_config.target {text_target!r} is not supported")
-    text_params = params["cond_stage_config"].get("params") or {}
-    if text_params.get("layer", "penultimate" if "OpenCLIP" in text_target else "last") != (
-        "penultimate" if "OpenCLIP" in text_target else "last"
-    ):
+    text_cfg = _section(params, "cond_stage_config", p)
+    text_target = _target(text_cfg, _COMPVIS_TEXT, f"{p}.cond_stage_config")
+    text_params = _section(text_cfg, "params", f"{p}.cond_stage_config", {}) or {}
+    layer = "penultimate" if "OpenCLIP" in text_target else "last"
+    if text_params.get("layer", layer) != layer:
         raise ConfigError(f"{where}: cond_stage_config layer {text_params['layer']!r} is not supported")
     text = _COMPVIS_TEXT[text_target]
 
-    return ModelConfig(
-        family="sd2" if text.arch == "open_clip" else "sd1",
-        unet=unet,
-        vae=vae,
-        text=text,
-        parameterization=params.get("parameterization", "eps"),
-        scale_factor=float(params.get("scale_factor", 0.18215)),
-        linear_start=float(params.get("linear_start", 0.00085)),
-        linear_end=float(params.get("linear_end", 0.012)),
-        timesteps=int(params.get("timesteps", 1000)),
-        image_size=int(params.get("image_size", 64)),
-    )
+    scalars = {
+        "parameterization": "eps",
+        "scale_factor": 0.18215,
+        "linear_start": 0.00085,
+        "linear_end": 0.012,
+        "timesteps": 1000,
+        "image_size": 64,
+    }
+    values = {k: params.get(k, default) for k, default in scalars.items()}
+    fields = {"family": "sd2" if text.arch == "open_clip" else "sd1", **values}
+    cfg = build_dataclass(ModelConfig, fields, p)
+    return cfg.replace(unet=unet, vae=vae, text=text)
 
 
 def to_compvis_yaml(cfg: ModelConfig) -> dict[str, Any]:

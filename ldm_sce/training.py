@@ -94,8 +94,8 @@ class Trainer:
             f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         )
         self.out = Path(cfg.output_dir)
-        resume_path = self._resolve_resume(resume) if resume else None
-        self._check_files(fresh=resume_path is None)
+        state = self._read_resume(self._resolve_resume(resume), resume_force) if resume else None
+        self._check_files(fresh=state is None)
         torch.manual_seed(cfg.seed)
 
         # -- model and trainable parameters (methods.py) --
@@ -139,8 +139,8 @@ class Trainer:
         )
         self._check_images()
         self.step = 0
-        if resume_path is not None:
-            self._load(resume_path, resume_force)
+        if state is not None:
+            self._restore(state)
 
     # -- inputs, checked before anything is trained --
     def _check_files(self, fresh: bool) -> None:
@@ -427,7 +427,8 @@ class Trainer:
             raise CheckpointError(f"--resume latest: no checkpoints in {self.out / 'checkpoints'}")
         return found[-1]
 
-    def _load(self, path: Path, force: bool) -> None:
+    def _read_resume(self, path: Path, force: bool) -> dict:
+        """The training state in `path`, after comparing the config it was saved with to this one."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)  # our own state: tensors, plain data
         except Exception as e:  # any damage: truncated zip, bad pickle, bad storage
@@ -449,10 +450,14 @@ class Trainer:
             )
         if breaking:
             log.warning("resuming %s with changed settings (forced): %s", path, "; ".join(breaking))
+        state["path"] = path
+        return state
+
+    def _restore(self, state: dict) -> None:
         if len(state["params"]) != len(self.params) or any(
             a.shape != b.shape for a, b in zip(state["params"], self.params, strict=True)
         ):
-            raise ConfigError(f"{path}: checkpoint parameters do not match this config's method")
+            raise ConfigError(f"{state['path']}: checkpoint parameters do not match this config's method")
         with torch.no_grad():
             for p, saved in zip(self.params, state["params"], strict=True):
                 p.copy_(saved)

@@ -69,14 +69,17 @@ def _is_int(v) -> bool:
 
 _SCHEMA = {  # field: (check, what it must be)
     "kind": (lambda v: v in ("sc", "csc"), "'sc' or 'csc'"),
-    "skip_dims": (lambda v: isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v), "a list of channels"),
+    "skip_dims": (
+        lambda v: isinstance(v, list) and all(_is_int(d) and 0 <= d <= 65536 for d in v),
+        "a list of channels",
+    ),
     "skips": (lambda v: isinstance(v, list) and all(_is_int(m) and m >= 0 for m in v), "a list of skip indices"),
     "base": (lambda v: v is None or isinstance(v, str), "a family name or null"),
-    "down_ratio": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a positive number"),
+    "down_ratio": (lambda v: type(v) in (int, float) and math.isfinite(v) and 0 < v <= 64, "a number in (0, 64]"),
     "op": (lambda v: v in ("linear", "conv"), "'linear' or 'conv'"),
     "kernel": (lambda v: v in (1, 3) and _is_int(v), "1 or 3"),
-    "hint_channels": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "hint_ratio": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "hint_channels": (lambda v: _is_int(v) and 0 < v <= 65536, "an integer in 1..65536"),
+    "hint_ratio": (lambda v: _is_int(v) and 0 < v <= 64, "an integer in 1..64"),
     "condition": (lambda v: v is None or v in CONDITIONS, f"null or one of {', '.join(CONDITIONS)}"),
     "training": (lambda v: isinstance(v, dict), "a mapping"),
 }
@@ -251,7 +254,8 @@ def load_tuner(
     unet = model.model.diffusion_model
     p = next(unet.parameters())
     if tf.kind == "sc":
-        tuners = {m: SCTuner(tf.skip_dims[m], tf.down_ratio, tf.op) for m in tf.skips}
+        with torch.device("meta"):  # built without memory: their shapes are checked against the file first
+            tuners = {m: SCTuner(tf.skip_dims[m], tf.down_ratio, tf.op) for m in tf.skips}
         listed = {f"tuners.{m}.{k}" for m, t in tuners.items() for k in t.state_dict()}
         unexpected = sorted(set(tf.state_dict) - listed)
         if unexpected:
@@ -264,13 +268,15 @@ def load_tuner(
             slots[m] = tuner.to(p.device, p.dtype).eval().requires_grad_(False)
         unet.replace_tuners(slots)
         return [slots[m] for m in tf.skips]
-    ctrl = CSCTuner(model.cfg.unet, tf.kernel, tf.hint_channels, tf.hint_ratio, tf.down_ratio)
+    with torch.device("meta"):
+        ctrl = CSCTuner(model.cfg.unet, tf.kernel, tf.hint_channels, tf.hint_ratio, tf.down_ratio)
     _strict_load(ctrl, tf.state_dict, path)
     ctrl.condition = condition or tf.condition
     return unet.attach_controller(ctrl.to(p.device, p.dtype).eval().requires_grad_(False))
 
 
 def _strict_load(module: torch.nn.Module, sd: dict[str, torch.Tensor], path) -> None:
+    """Load `sd` into `module` (built on the meta device) if its keys and shapes are exactly the module's."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -283,7 +289,7 @@ def _strict_load(module: torch.nn.Module, sd: dict[str, torch.Tensor], path) -> 
         raise CheckpointError(
             f"{path}: tuner weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {shapes[:5]}"
         )
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()})
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, assign=True)
 
 
 def sc_tuner_file(model: LatentDiffusion, training: dict | None = None) -> TunerFile:

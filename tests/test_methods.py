@@ -53,8 +53,15 @@ def test_each_method_starts_at_the_base_and_exports_what_it_trained(name, tiny_c
     first, second = logged_losses(tmp_path / "out")
     assert first == pytest.approx(expected_first, rel=1e-6)  # a fresh method is an exact identity
     assert second == pytest.approx(SECOND_LOSS[name], rel=1e-4)
-    assert path.name == {"sc": "sc_tuner.safetensors", "csc": "csc_canny.safetensors", "lora": "lora.safetensors",
-                         "full": "model.safetensors"}[name]  # fmt: skip
+    assert (
+        path.name
+        == {
+            "sc": "sc_tuner.safetensors",
+            "csc": "csc_canny.safetensors",
+            "lora": "lora.safetensors",
+            "full": "model.safetensors",
+        }[name]
+    )
 
     # the exported file loads back into a fresh model and gives the trained model's output
     fresh = load_model(ckpt, config="tiny-sd1")
@@ -125,8 +132,9 @@ class OutputBias(Method):
 
 def test_a_new_method_needs_only_its_class(tiny_ckpts, dataset, tmp_path, monkeypatch):
     monkeypatch.setitem(METHODS, "out_bias", OutputBias)
-    cfg = load_train_config(train_config(tmp_path, tiny_ckpts["sd1"][1], dataset, method={"name": "out_bias"},
-                                         optim={"max_steps": 2}))  # fmt: skip
+    cfg = load_train_config(
+        train_config(tmp_path, tiny_ckpts["sd1"][1], dataset, method={"name": "out_bias"}, optim={"max_steps": 2})
+    )
     trainer = Trainer(cfg)
     assert [p.shape for p in trainer.params] == [torch.Size([4])]
     bias = load_file(trainer.train())["bias"]

@@ -44,6 +44,6 @@ if __name__ == "__main__":
     args = p.parse_args()
     try:
         main(args)
-    except CheckpointError as e:
+    except (CheckpointError, FileExistsError) as e:
         print(f"convert_tuner.py: error: {e}", file=sys.stderr)
         sys.exit(2)
