@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 SD1_TEXT, SD2_TEXT = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."
-POSITION_IDS = SD1_TEXT + "embeddings.position_ids"
+SDXL_TEXT = ("conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model.")
+# int64 position ids stored by SD1 and SDXL files (often corrupt there): never read, always arange
+POSITION_IDS = (SD1_TEXT + "embeddings.position_ids", SDXL_TEXT[0] + "embeddings.position_ids")
 METADATA_KEY = "ldm_sce.config"  # safetensors metadata entry holding a ModelConfig as JSON
 
 
@@ -227,9 +229,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def detect_family(sd: dict[str, torch.Tensor]) -> str:
-    """'sd1' or 'sd2' from key names and shapes; a clear error for anything else."""
-    if file_kind(sd, {}) == "sdxl":
-        raise CheckpointError(f"this is {KIND_NAMES['sdxl']}")
+    """'sd1', 'sd2' or 'sdxl' from key names and shapes; a clear error for anything else."""
+    if any(k.startswith("conditioner.embedders.") for k in sd) or UNET + "label_emb.0.0.weight" in sd:
+        if not any(k.startswith(SDXL_TEXT[1]) for k in sd) and any(
+            k.startswith("conditioner.embedders.0.model.") for k in sd
+        ):
+            raise CheckpointError("this is an SDXL refiner (one OpenCLIP-G tower), which is not supported")
+        return "sdxl"
     has_sd1_text = any(k.startswith(SD1_TEXT) for k in sd)
     has_sd2_text = any(k.startswith(SD2_TEXT) for k in sd)
     proj_in = sd.get(UNET + "input_blocks.1.1.proj_in.weight")
@@ -242,7 +248,6 @@ def detect_family(sd: dict[str, torch.Tensor]) -> str:
 
 KIND_NAMES = {
     "checkpoint": "a Stable Diffusion checkpoint (pass it with --ckpt)",
-    "sdxl": "an SDXL checkpoint (conditioner.embedders.*, label_emb); SDXL is not supported yet",
     "sc": "an SC-Tuner file (pass it with --tuner)",
     "csc": "a CSC-Tuner controller (pass it with --control, with a --control-image)",
     "lora": "a LoRA file, which the command-line tools do not apply yet (one made by this project's trainer "
@@ -258,8 +263,6 @@ def file_kind(sd: dict[str, torch.Tensor], extras: dict) -> str:
     meta = extras.get("ldm_sce.tuner")
     if isinstance(meta, str):
         return "csc" if '"kind": "csc"' in meta else "sc"
-    if any(k.startswith("conditioner.embedders.") for k in sd) or UNET + "label_emb.0.0.weight" in sd:
-        return "sdxl"
     if any(k.startswith(UNET) for k in sd):
         return "checkpoint"
     if "ldm_sce.lora" in extras or any("lora" in k.lower() for k in sd):
@@ -282,7 +285,13 @@ def _ema_key(key: str) -> str:
 
 
 def _is_tolerated_extra(key: str) -> bool:
-    return key.startswith("model_ema.") or key in ("logvar", "model_ema.decay", "model_ema.num_updates")
+    # sgm-written SDXL files may hold its denoiser's sigmas (recomputed from the config like the schedule)
+    return key.startswith("model_ema.") or key in (
+        "logvar",
+        "model_ema.decay",
+        "model_ema.num_updates",
+        "denoiser.sigmas",
+    )
 
 
 def _check_keys(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], family: str, path) -> None:
@@ -323,7 +332,7 @@ def _resolve_config(path: Path, sd, extras, config) -> tuple[ModelConfig, bool]:
         return load_config(sidecar), False
     if METADATA_KEY in extras:
         return load_config(json.loads(extras[METADATA_KEY])), False
-    return PRESETS["sd-v1" if detect_family(sd) == "sd1" else "sd-v2-base"], True
+    return PRESETS[{"sd1": "sd-v1", "sd2": "sd-v2-base", "sdxl": "sdxl-base"}[detect_family(sd)]], True
 
 
 def _check_stored_schedule(sd: dict[str, torch.Tensor], schedule: dict[str, torch.Tensor], path: Path) -> None:
@@ -401,9 +410,13 @@ def load_model(
     # missing, or stored in fp16/bf16, where alphas_cumprod rounds to 1 near t = 0 and sampling breaks.
     schedule = make_schedule(cfg.linear_start, cfg.linear_end, cfg.timesteps)
     _check_stored_schedule(sd, schedule, path)
-    sd.update(schedule)
-    if POSITION_IDS in expected:  # always arange: often corrupt in SD1 files
-        sd[POSITION_IDS] = torch.arange(cfg.text.context_length)[None]
+    for name in SCHEDULE_BUFFERS:  # SD1/SD2 files carry the tables (keys of the model); SDXL files do not
+        sd.pop(name, None)
+        if name in expected:
+            sd[name] = schedule[name]
+    for key in POSITION_IDS:
+        if key in expected:
+            sd[key] = torch.arange(cfg.text.context_length)[None]
 
     if use_ema:
         ema = {k: sd[_ema_key(k)] for k in expected if k.startswith(UNET) and _ema_key(k) in sd}
@@ -423,6 +436,9 @@ def load_model(
         for k in expected
     }
     model.load_state_dict(state, strict=True, assign=True)
+    for name in SCHEDULE_BUFFERS:
+        if name not in state:  # not saved (SDXL): still on the meta device
+            model.register_buffer(name, schedule[name], persistent=False)
     model.model.diffusion_model.to(memory_format=torch.channels_last)  # see UNetModel
     model.eval().requires_grad_(False)
     if device is not None:

@@ -27,13 +27,21 @@ class ConfigError(ValueError):
 # The CSC-Tuner hint encoder (official layout): seven 3x3 convs, three of stride 2, so it takes a condition
 # image of 8x the latent size to the latent size (`ModelConfig.condition_size`).
 HINT_STRIDES = (1, 1, 2, 1, 2, 1, 2)
+# SDXL's micro-conditioning (sgm `ConcatTimestepEmbedderND`): six numbers, each a 256-d sinusoidal embedding
+SIZE_CONDITIONS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
+SIZE_EMBED_DIM = 256
 
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """CompVis `UNetModel` hyper-parameters (names as in the original YAML `unet_config.params`).
+    """CompVis / sgm `UNetModel` hyper-parameters (names as in the original YAML `unet_config.params`).
 
-    Exactly one of `num_heads` (SD1: fixed head count) and `num_head_channels` (SD2: fixed head dim) is set.
+    Exactly one of `num_heads` (SD1: fixed head count) and `num_head_channels` (SD2, SDXL: fixed head dim) is
+    set. `transformer_depth`: blocks per SpatialTransformer, one number or one per level (SDXL: 0, 2, 10);
+    the middle block's is the last level's. `adm_in_channels`: width of the vector conditioning (SDXL's
+    pooled text + size embeddings, 2816) that `label_emb` adds to the time embedding; None: no `label_emb`.
+    `hint_channels`, `hint_ratio`: the CSC-Tuner hint encoder for this base (official: 256 and 1 for SD1 and
+    SD2, 320 and 2 for SDXL).
     """
 
     in_channels: int = 4
@@ -44,14 +52,24 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors that get a SpatialTransformer
     num_heads: int | None = 8
     num_head_channels: int | None = None
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD2: proj_in/proj_out are Linear instead of 1x1 conv
+    adm_in_channels: int | None = None
+    hint_channels: int = 256
+    hint_ratio: int = 1
 
     def __post_init__(self) -> None:
         if (self.num_heads is None) == (self.num_head_channels is None):
             raise ConfigError("unet: set exactly one of num_heads (SD1) and num_head_channels (SD2)")
-        _positive("unet", self, "in_channels out_channels model_channels num_res_blocks transformer_depth context_dim")
+        _positive(
+            "unet", self, "in_channels out_channels model_channels num_res_blocks context_dim hint_channels hint_ratio"
+        )
+        depths = self.depths
+        if len(depths) != len(self.channel_mult) or not all(type(d) is int and 0 <= d <= 64 for d in depths):
+            raise ConfigError(f"unet.transformer_depth must be 0 to 64, one per level, got {self.transformer_depth}")
+        if self.adm_in_channels is not None and (type(self.adm_in_channels) is not int or self.adm_in_channels < 1):
+            raise ConfigError(f"unet.adm_in_channels must be a positive integer or null, got {self.adm_in_channels}")
         if not self.channel_mult or not all(type(m) is int and 1 <= m <= 64 for m in self.channel_mult):
             raise ConfigError(f"unet.channel_mult must be 1 to 64 per level, got {self.channel_mult}")
         widths = sorted({self.model_channels * m for m in self.channel_mult})
@@ -60,6 +78,22 @@ class UNetConfig:
         head = self.num_heads if self.num_heads is not None else self.num_head_channels
         if type(head) is not int or head < 1 or any(w % head for w in widths):
             raise ConfigError(f"unet: num_heads / num_head_channels {head} must divide every level width {widths}")
+
+    @property
+    def depths(self) -> tuple[int, ...]:
+        """Transformer blocks per level (0: no attention there); the middle block has the last level's."""
+        if isinstance(self.transformer_depth, int):
+            return (self.transformer_depth,) * len(self.channel_mult)
+        return tuple(self.transformer_depth)
+
+    def attention_depth(self, ds: int) -> int:
+        """Transformer blocks of the blocks at downsampling factor ds (0: none)."""
+        level = ds.bit_length() - 1
+        return self.depths[level] if ds in self.attention_resolutions and level < len(self.depths) else 0
+
+    @property
+    def has_vector(self) -> bool:
+        return self.adm_in_channels is not None
 
     def heads(self, channels: int) -> tuple[int, int]:
         """(number of heads, head dim) of a SpatialTransformer with `channels` channels."""
@@ -134,8 +168,11 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Text tower. `clip`: HF CLIPTextModel layout (SD1, quick_gelu, last layer, pads with the end token).
-    `open_clip`: open_clip layout (SD2, exact GELU, penultimate layer then ln_final, pads with 0)."""
+    """A text tower. `clip`: HF CLIPTextModel layout (quick_gelu, pads with the end token); `open_clip`:
+    open_clip layout (exact GELU, pads with 0). The context is the last block's output (`layer` 'last') or
+    the last block's input ('penultimate'), then the final LayerNorm if `final_norm`: SD1 last + norm; SD2
+    penultimate + norm; SDXL's two towers penultimate without norm. `pooled`: also the pooled embedding
+    (SDXL's OpenCLIP bigG: ln_final of the last block at the end token, times text_projection)."""
 
     arch: Literal["clip", "open_clip"] = "clip"
     width: int = 768
@@ -144,10 +181,15 @@ class TextConfig:
     vocab_size: int = 49408
     context_length: int = 77
     embed_dim: int = 768  # open_clip only: text_projection is [width, embed_dim]
+    layer: Literal["last", "penultimate"] = "last"
+    final_norm: bool = True
+    pooled: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ("clip", "open_clip"):
             raise ConfigError(f"text.arch must be 'clip' or 'open_clip', got {self.arch!r}")
+        if self.layer not in ("last", "penultimate") or (self.pooled and self.arch != "open_clip"):
+            raise ConfigError(f"text.layer must be last or penultimate (got {self.layer!r}); pooled needs open_clip")
         _positive("text", self, "width layers heads vocab_size context_length embed_dim")
         if self.width % self.heads or self.width > 65536 or self.vocab_size > 10**6 or self.context_length < 3:
             raise ConfigError(
@@ -158,12 +200,15 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A whole latent diffusion model: the three networks plus the noise schedule."""
+    """A whole latent diffusion model: the three networks plus the noise schedule. SDXL (`family` 'sdxl') has
+    two text towers, `text` (CLIP ViT-L) and `text2` (OpenCLIP ViT-bigG, pooled), whose contexts are
+    concatenated; its vector conditioning is text2's pooled output and six size embeddings."""
 
-    family: str = "sd1"
+    family: Literal["sd1", "sd2", "sdxl"] = "sd1"
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    text2: TextConfig | None = None
     parameterization: Literal["eps", "v"] = "eps"
     scale_factor: float = 0.18215
     linear_start: float = 0.00085
@@ -174,8 +219,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.parameterization not in ("eps", "v"):
             raise ConfigError(f"parameterization must be 'eps' or 'v', got {self.parameterization!r}")
-        if self.family not in ("sd1", "sd2"):
-            raise ConfigError(f"family must be 'sd1' or 'sd2', got {self.family!r}")
+        if self.family not in ("sd1", "sd2", "sdxl"):
+            raise ConfigError(f"family must be 'sd1', 'sd2' or 'sdxl', got {self.family!r}")
+        if (self.family == "sdxl") != (self.text2 is not None) or (self.family == "sdxl") != self.unet.has_vector:
+            raise ConfigError("an sdxl config has text2 and unet.adm_in_channels; sd1/sd2 configs have neither")
+        if self.text2 is not None and not self.text2.pooled:
+            raise ConfigError("text2 (SDXL's second tower) must have pooled: true")
+        if self.text2 is not None and self.unet.adm_in_channels != self.vector_dim:
+            raise ConfigError(
+                f"unet.adm_in_channels {self.unet.adm_in_channels} != text2.embed_dim {self.text2.embed_dim} + "
+                f"{len(SIZE_CONDITIONS)} x {SIZE_EMBED_DIM} (the pooled text and the size embeddings)"
+            )
         _positive("model", self, "timesteps image_size")
         if not (math.isfinite(self.scale_factor) and self.scale_factor > 0):
             raise ConfigError(f"scale_factor must be a positive number, got {self.scale_factor}")
@@ -184,14 +238,24 @@ class ModelConfig:
                 f"the schedule needs 0 < linear_start < linear_end < 1 and timesteps <= 100000, got "
                 f"{self.linear_start}, {self.linear_end}, {self.timesteps}"
             )
-        if self.unet.context_dim != self.text.width:
+        if self.unet.context_dim != self.context_dim:
             raise ConfigError(
-                f"unet.context_dim {self.unet.context_dim} != text.width {self.text.width}: "
-                "the text encoder does not fit this UNet"
+                f"unet.context_dim {self.unet.context_dim} != the text width {self.context_dim}"
+                f"{' (text.width + text2.width)' if self.text2 else ''}: the text encoder does not fit this UNet"
             )
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the cross-attention context the text towers make (SDXL: both, concatenated)."""
+        return self.text.width + (self.text2.width if self.text2 is not None else 0)
+
+    @property
+    def vector_dim(self) -> int:
+        """Width of SDXL's vector conditioning: text2's pooled output and the size embeddings."""
+        return self.text2.embed_dim + len(SIZE_CONDITIONS) * SIZE_EMBED_DIM if self.text2 is not None else 0
 
     # -- geometry -------------------------------------------------------------------------------------------
 
@@ -236,10 +300,33 @@ def _positive(where: str, cfg: Any, names: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 _SD2_UNET = UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
-_SD2_TEXT = TextConfig(arch="open_clip", width=1024, layers=24, heads=16, embed_dim=1024)
+_SD2_TEXT = TextConfig(arch="open_clip", width=1024, layers=24, heads=16, embed_dim=1024, layer="penultimate")
 # Tiny variants keep every structural feature (3 levels, attention at 2 of them, downsample skips) for tests.
 _TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(2, 1), context_dim=32)
 _TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+_SDXL_CLIP = TextConfig(layer="penultimate", final_norm=False)  # hidden_states[11], no final LayerNorm
+_SDXL_BIGG = TextConfig(
+    arch="open_clip",
+    width=1280,
+    layers=32,
+    heads=20,
+    embed_dim=1280,
+    layer="penultimate",
+    final_norm=False,
+    pooled=True,
+)
+_SDXL_UNET = UNetConfig(
+    channel_mult=(1, 2, 4),
+    attention_resolutions=(4, 2),
+    num_heads=None,
+    num_head_channels=64,
+    transformer_depth=(0, 2, 10),
+    context_dim=2048,
+    use_linear_in_transformer=True,
+    adm_in_channels=2816,
+    hint_channels=320,
+    hint_ratio=2,
+)
 
 PRESETS: dict[str, ModelConfig] = {
     "sd-v1": ModelConfig(),
@@ -252,7 +339,30 @@ PRESETS: dict[str, ModelConfig] = {
         family="sd2",
         unet=dataclasses.replace(_TINY_UNET, num_heads=None, num_head_channels=16, use_linear_in_transformer=True),
         vae=_TINY_VAE,
-        text=TextConfig(arch="open_clip", width=32, layers=3, heads=2, embed_dim=32),
+        text=TextConfig(arch="open_clip", width=32, layers=3, heads=2, embed_dim=32, layer="penultimate"),
+        image_size=8,
+    ),
+    "sdxl-base": ModelConfig(
+        family="sdxl", unet=_SDXL_UNET, text=_SDXL_CLIP, text2=_SDXL_BIGG, scale_factor=0.13025, image_size=128
+    ),
+    # tiny SDXL: every structural feature (no attention at the first level, per-level and middle depths,
+    # two towers, the vector conditioning, hint ratio 2), small widths
+    "tiny-sdxl": ModelConfig(
+        family="sdxl",
+        unet=dataclasses.replace(
+            _SDXL_UNET,
+            model_channels=32,
+            channel_mult=(1, 2, 2),
+            num_head_channels=16,
+            transformer_depth=(0, 1, 2),
+            context_dim=64,
+            adm_in_channels=32 + 6 * 256,
+            hint_channels=64,
+        ),
+        vae=_TINY_VAE,
+        text=dataclasses.replace(_SDXL_CLIP, width=32, layers=3, heads=2, embed_dim=32),
+        text2=dataclasses.replace(_SDXL_BIGG, width=32, layers=3, heads=2, embed_dim=32),
+        scale_factor=0.13025,
         image_size=8,
     ),
 }
@@ -276,7 +386,7 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str, sections: dict[
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        if sections and name in sections:
+        if sections and name in sections and not (value is None and type(None) in typing.get_args(hints[name])):
             kwargs[name] = build_dataclass(sections[name], value, f"{where}.{name}")
         else:
             kwargs[name] = _coerce(value, hints[name], f"{where}.{name}")
@@ -336,7 +446,12 @@ def _describe(types: tuple) -> str:
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    return build_dataclass(cls, data, where, {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig})
+    if cls is ModelConfig and isinstance(data, dict) and isinstance(data.get("text"), dict):
+        text = data["text"]
+        if "layer" not in text and text.get("arch") == "open_clip":  # written before `layer` existed: SD2's
+            data = {**data, "text": {**text, "layer": "penultimate"}}
+    sections = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig, "text2": TextConfig}
+    return build_dataclass(cls, data, where, sections)
 
 
 def config_from_dict(data: dict[str, Any], where: str = "config") -> ModelConfig:

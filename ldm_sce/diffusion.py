@@ -11,7 +11,7 @@ from torch import nn
 
 from .autoencoder import AutoencoderKL, DiagonalGaussianDistribution
 from .config import ModelConfig
-from .text_encoders import build_text_encoder
+from .text_encoders import Conditioner, build_text_encoder
 from .tuners import Tuning
 from .unet import UNetModel
 
@@ -22,9 +22,21 @@ SCHEDULE_BUFFERS = tuple(
 )
 
 
+def _betas(linear_start: float, linear_end: float, timesteps: int) -> torch.Tensor:
+    """SD's 'linear' betas (linear in sqrt space), float64."""
+    return torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64) ** 2
+
+
+def discrete_sigmas(linear_start: float, linear_end: float, timesteps: int) -> torch.Tensor:
+    """The training sigmas [T], ascending, as sgm computes them (`LegacyDDPMDiscretization`, SDXL's sampler):
+    (1 - a) / a in float64, cast to float32, then the square root in float32."""
+    ac = torch.cumprod(1.0 - _betas(linear_start, linear_end, timesteps), dim=0)
+    return ((1.0 - ac) / ac).float().sqrt()
+
+
 def make_schedule(linear_start: float, linear_end: float, timesteps: int) -> dict[str, torch.Tensor]:
     """The 'linear' DDPM schedule of SD (betas linear in sqrt space), computed in float64, stored float32."""
-    betas = torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64) ** 2
+    betas = _betas(linear_start, linear_end, timesteps)
     alphas = 1.0 - betas
     ac = torch.cumprod(alphas, dim=0)
     ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
@@ -51,6 +63,21 @@ def _extract(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return a.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
 
+# The conditioning the UNet takes: the context tensor (SD1, SD2), or SDXL's {"crossattn", "vector"}.
+Cond = torch.Tensor | dict[str, torch.Tensor]
+
+
+def cat_cond(conds: list[Cond]) -> Cond:
+    """Conditionings concatenated along the batch (e.g. the CFG batch cat([uc, c]))."""
+    if isinstance(conds[0], dict):
+        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    return torch.cat(conds)
+
+
+def cond_batch_size(cond: Cond) -> int:
+    return (cond["crossattn"] if isinstance(cond, dict) else cond).shape[0]
+
+
 class DiffusionWrapper(nn.Module):
     """Holds the UNet as `diffusion_model` (the `model.diffusion_model.*` checkpoint prefix)."""
 
@@ -58,43 +85,80 @@ class DiffusionWrapper(nn.Module):
         super().__init__()
         self.diffusion_model = unet
 
-    def forward(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, tuning: Tuning | None = None
-    ) -> torch.Tensor:
-        return self.diffusion_model(x, t, context, tuning)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, tuning: Tuning | None = None) -> torch.Tensor:
+        if isinstance(cond, dict):  # SDXL (sgm's "crossattn" and "vector" keys)
+            return self.diffusion_model(x, t, cond["crossattn"], tuning, y=cond["vector"])
+        return self.diffusion_model(x, t, cond, tuning)
 
 
 class LatentDiffusion(nn.Module):
-    """Stable Diffusion: text-conditioned denoising in the KL autoencoder's latent space."""
+    """Stable Diffusion: text-conditioned denoising in the KL autoencoder's latent space.
+
+    SDXL (`cfg.family == 'sdxl'`) holds its text towers as `conditioner.embedders.{0,1}` (sgm's tree) instead
+    of `cond_stage_model`, and its files store no schedule buffers (so here they are not saved either)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.model = DiffusionWrapper(UNetModel(cfg.unet))
         self.first_stage_model = AutoencoderKL(cfg.vae)
-        self.cond_stage_model = build_text_encoder(cfg.text)
+        if cfg.text2 is not None:
+            self.conditioner = Conditioner(cfg.text, cfg.text2)
+        else:
+            self.cond_stage_model = build_text_encoder(cfg.text)
         self.parameterization = cfg.parameterization
         self.scale_factor = cfg.scale_factor
         self.num_timesteps = cfg.timesteps
         for name, value in make_schedule(cfg.linear_start, cfg.linear_end, cfg.timesteps).items():
-            self.register_buffer(name, value)
+            self.register_buffer(name, value, persistent=cfg.text2 is None)
 
     # -- conditioning ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def get_learned_conditioning(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> cross-attention context [B, 77, context_dim]."""
-        return self.cond_stage_model.encode(list(prompts))
+    def get_learned_conditioning(
+        self,
+        prompts: list[str],
+        original_size: tuple[int, int] | None = None,
+        crop_coords: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+    ) -> Cond:
+        """Prompts -> the UNet's conditioning: the context [B, 77, context_dim] (SD1, SD2), or for SDXL
+        {"crossattn": [B, 77, 2048], "vector": [B, 2816]} with the micro-conditioning original_size (h, w),
+        crop_coords (top, left) and target_size (h, w) (defaults: the native size, (0, 0), the native size)."""
+        if self.cfg.text2 is None:
+            return self.cond_stage_model.encode(list(prompts))
+        native = (self.cfg.native_size, self.cfg.native_size)
+        sizes = [*(original_size or native), *(crop_coords or (0, 0)), *(target_size or native)]
+        return self.conditioner(list(prompts), torch.tensor([sizes] * len(prompts), dtype=torch.float32))
+
+    @torch.no_grad()
+    def get_unconditional_conditioning(self, c: Cond, negative_prompts: list[str] | None = None) -> Cond:
+        """The unconditional branch of guidance for conditioning c. SD1/SD2: the negative prompts encoded (the
+        empty prompt by default). SDXL with no negative prompts: sgm's, both text parts zero (context and
+        pooled), the size embeddings of c kept; with negative prompts, they are encoded with c's sizes."""
+        b = cond_batch_size(c)
+        if self.cfg.text2 is None:
+            return self.get_learned_conditioning(negative_prompts or [""] * b)
+        pooled_dim = self.cfg.text2.embed_dim
+        if negative_prompts is None:
+            vector = torch.cat([torch.zeros_like(c["vector"][:, :pooled_dim]), c["vector"][:, pooled_dim:]], dim=1)
+            return {"crossattn": torch.zeros_like(c["crossattn"]), "vector": vector}
+        uc = self.get_learned_conditioning(negative_prompts)
+        return {
+            "crossattn": uc["crossattn"],
+            "vector": torch.cat([uc["vector"][:, :pooled_dim], c["vector"][:, pooled_dim:]], 1),
+        }
 
     # -- denoiser --------------------------------------------------------------------------------------
     def apply_model(
         self,
         x_noisy: torch.Tensor,
         t: torch.Tensor,
-        cond: torch.Tensor,
+        cond: Cond,
         tuning: Tuning | None = None,
     ) -> torch.Tensor:
         """UNet output (eps or v, per `parameterization`) for latents x_noisy [B, 4, h, w] at timesteps t [B]
-        and context cond [B, 77, C]. tuning: the SC-Tuner scale and CSC-Tuner hints (see `Tuning`)."""
+        and conditioning cond (the context [B, 77, C], or SDXL's dict). tuning: the SC-Tuner scale and CSC-Tuner
+        hints (see `Tuning`)."""
         return self.model(x_noisy, t, cond, tuning)
 
     # -- first stage -----------------------------------------------------------------------------------

@@ -20,9 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .diffusion import Cond, cat_cond, cond_batch_size, discrete_sigmas
 from .images import NonFiniteError
 from .tuners import Tuning
 
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[], torch.Tensor]
 SAMPLERS = ("ddim", "plms", "euler", "euler_a", "dpmpp_2m")
+# how a run's timesteps / noise levels are spaced: CompVis's (SD1/SD2's default) or sgm's trailing (SDXL's)
+SPACINGS = ("compvis", "trailing")
 
 
 @dataclass(frozen=True)
@@ -54,16 +58,31 @@ Callback = Callable[[Step], None]
 
 
 class Denoiser:
-    """A noise predictor `eps_fn(x, t) -> eps` with the schedule it was trained on (alphas_cumprod [T])."""
+    """A noise predictor `eps_fn(x, t) -> eps` with the schedule it was trained on (alphas_cumprod [T]).
 
-    def __init__(self, eps_fn: EpsFn, alphas_cumprod: torch.Tensor):
+    `sigmas` [T] ascending: the training noise levels (default: from alphas_cumprod in float64, as
+    k-diffusion). `quantize`: give the UNet the index of the nearest training sigma and use that sigma (sgm,
+    SDXL's reference sampler), instead of the fractional timestep interpolated in log sigma (k-diffusion)."""
+
+    def __init__(
+        self,
+        eps_fn: EpsFn,
+        alphas_cumprod: torch.Tensor,
+        sigmas: torch.Tensor | None = None,
+        quantize: bool = False,
+    ):
         self.eps = eps_fn
         self.alphas_cumprod = alphas_cumprod
-        self.sigmas = model_sigmas(alphas_cumprod)  # [T] float64, ascending
+        self.sigmas = model_sigmas(alphas_cumprod) if sigmas is None else sigmas  # [T], ascending
+        self.quantize = quantize
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """x0 estimate at noise level sigma (a scalar tensor): the UNet sees x / sqrt(sigma^2 + 1) at t(sigma)."""
-        t = sigma_to_t(sigma, self.sigmas).expand(x.shape[0]).to(x.device)
+        if self.quantize:
+            idx = (sigma.to(self.sigmas.dtype) - self.sigmas).abs().argmin()
+            sigma, t = self.sigmas[idx], idx.to(torch.float32).expand(x.shape[0]).to(x.device)
+        else:
+            t = sigma_to_t(sigma, self.sigmas).expand(x.shape[0]).to(x.device)
         c_in = (sigma**2 + 1) ** -0.5
         eps = self.eps(x * c_in.to(x.dtype), t.to(torch.float32))
         return x - sigma.to(x.dtype) * eps
@@ -71,35 +90,46 @@ class Denoiser:
 
 def cfg_denoiser(
     model: LatentDiffusion,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
+    cond: Cond,
+    uncond: Cond | None,
     scale: float,
     tuning: Tuning | None = None,
+    spacing: str = "compvis",
 ) -> Denoiser:
     """The model with classifier-free guidance: one UNet call on cat([x, x]) with cat([uncond, cond]),
     `e = e_u + scale * (e_c - e_u)`. With `uncond=None` or scale 1, a single conditional call.
 
     tuning (SCEdit) goes to the UNet; its control hints feed both CFG branches and act while the sampling
-    progress 1 - t/T lies in `tuning.control_range`."""
+    progress 1 - t/T lies in `tuning.control_range`. spacing 'trailing': sgm's denoiser (its float32
+    training sigmas, quantized; see `Denoiser`)."""
     ac = model.alphas_cumprod
     guided = uncond is not None and scale != 1.0
     tuning = tuning or Tuning()
     batch_tuning = tuning.repeat(2) if guided else tuning
+    both = cat_cond([uncond, cond]) if guided else None
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         now = batch_tuning.at(1.0 - float(t.max()) / len(ac))
         if not guided:
             out = model.apply_model(x, t, cond, now)
         else:
-            x2, t2, c2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])
-            out_u, out_c = model.apply_model(x2, t2, c2, now).chunk(2)
+            out_u, out_c = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), both, now).chunk(2)
             out = out_u + scale * (out_c - out_u)
         if model.parameterization == "v":  # linear in the output, so guiding v then converting equals guiding eps
             a = _alpha_at(ac, t).to(x.dtype).view(-1, 1, 1, 1)
             out = a.sqrt() * out + (1.0 - a).sqrt() * x
         return out
 
+    if _check_spacing(spacing) == "trailing":
+        cfg = model.cfg
+        return Denoiser(eps_fn, ac, discrete_sigmas(cfg.linear_start, cfg.linear_end, cfg.timesteps), quantize=True)
     return Denoiser(eps_fn, ac)
+
+
+def _check_spacing(spacing: str) -> str:
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return spacing
 
 
 def _alpha_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -127,11 +157,25 @@ def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
     return ts[ts < num_train_timesteps]
 
 
-def _ddim_alphas(alphas_cumprod: torch.Tensor, steps: int, x: torch.Tensor):
-    """(timesteps, alpha_t, alpha_prev) of the DDIM steps; the last step's alpha_prev is alphas_cumprod[0]."""
-    ts = ddim_timesteps(steps, len(alphas_cumprod))
+def trailing_timesteps(steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """sgm's (SDXL's reference) timesteps, ascending: floor(linspace(T - 1, 0, S, endpoint=False)) reversed
+    (S = 5: 199, 399, 599, 799, 999). diffusers' 'trailing' rounds instead, which differs at 30 steps."""
+    if not 0 < steps <= num_train_timesteps:
+        raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
+    ts = np.linspace(num_train_timesteps - 1, 0, steps, endpoint=False).astype(np.int64)[::-1]
+    return torch.from_numpy(ts.copy())
+
+
+def _ddim_alphas(alphas_cumprod: torch.Tensor, steps: int, x: torch.Tensor, spacing: str = "compvis"):
+    """(timesteps, alpha_t, alpha_prev) of the DDIM steps. compvis: CompVis's timesteps, the last step's
+    alpha_prev is alphas_cumprod[0]; trailing: sgm's timesteps, the last alpha_prev is 1 (a clean image)."""
     ac = alphas_cumprod.to(torch.float64).cpu()
-    a_prev = torch.cat([ac[:1], ac[ts[:-1]]])
+    if _check_spacing(spacing) == "trailing":
+        ts = trailing_timesteps(steps, len(alphas_cumprod))
+        a_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[ts[:-1]]])
+    else:
+        ts = ddim_timesteps(steps, len(alphas_cumprod))
+        a_prev = torch.cat([ac[:1], ac[ts[:-1]]])
     return ts, ac[ts].to(x.device, x.dtype), a_prev.to(x.device, x.dtype)
 
 
@@ -152,11 +196,12 @@ def sample_ddim(
     t_start: int | None = None,
     callback: Callback | None = None,
     progress: bool = False,
+    spacing: str = "compvis",
 ) -> torch.Tensor:
     """DDIM from x at the last timestep (or at ddim index `t_start` for img2img) down to x0.
 
     noise_fn draws the per-step noise for eta > 0 (see `NoiseStream` for per-image reproducibility)."""
-    ts, a, a_prev = _ddim_alphas(denoiser.alphas_cumprod, steps, x)
+    ts, a, a_prev = _ddim_alphas(denoiser.alphas_cumprod, steps, x, spacing)
     sigmas = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
     n = len(ts) if t_start is None else t_start
     for k, i in enumerate(tqdm(reversed(range(n)), total=n, disable=not progress, desc="DDIM")):
@@ -168,11 +213,16 @@ def sample_ddim(
 
 
 def ddim_stochastic_encode(
-    alphas_cumprod: torch.Tensor, x0: torch.Tensor, steps: int, t_enc: int, noise: torch.Tensor
+    alphas_cumprod: torch.Tensor,
+    x0: torch.Tensor,
+    steps: int,
+    t_enc: int,
+    noise: torch.Tensor,
+    spacing: str = "compvis",
 ) -> torch.Tensor:
     """img2img (SDEdit) start as CompVis: noise x0 to the DDIM timestep of index t_enc; sampling then
     runs `sample_ddim(..., t_start=t_enc)`, i.e. from index t_enc - 1 down to 0."""
-    _, a, _ = _ddim_alphas(alphas_cumprod, steps, x0)
+    _, a, _ = _ddim_alphas(alphas_cumprod, steps, x0, spacing)
     return a[t_enc].sqrt() * x0 + (1 - a[t_enc]).sqrt() * noise
 
 
@@ -184,10 +234,11 @@ def sample_plms(
     t_start: int | None = None,
     callback: Callback | None = None,
     progress: bool = False,
+    spacing: str = "compvis",
 ) -> torch.Tensor:
     """CompVis PLMS (pseudo linear multistep, Liu et al. 2022): DDIM's update with eps replaced by an
     Adams-Bashforth combination of the last eps; the first step uses a second-order (Heun-like) estimate."""
-    ts, a, a_prev = _ddim_alphas(denoiser.alphas_cumprod, steps, x)
+    ts, a, a_prev = _ddim_alphas(denoiser.alphas_cumprod, steps, x, spacing)
     n = len(ts) if t_start is None else t_start
     order = list(reversed(range(n)))
     old_eps: list[torch.Tensor] = []
@@ -246,6 +297,12 @@ def sigmas_uniform(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
     sig = model_sigmas(alphas_cumprod)
     t = torch.linspace(len(sig) - 1, 0, steps, dtype=torch.float64)
     return torch.cat([t_to_sigma(t, sig), torch.zeros(1, dtype=torch.float64)])
+
+
+def sigmas_trailing(denoiser: Denoiser, steps: int) -> torch.Tensor:
+    """sgm's discretization: the denoiser's training sigmas at `trailing_timesteps`, descending, then 0."""
+    ts = trailing_timesteps(steps, len(denoiser.sigmas)).flip(0)
+    return torch.cat([denoiser.sigmas[ts], torch.zeros(1, dtype=denoiser.sigmas.dtype)])
 
 
 def sigmas_karras(alphas_cumprod: torch.Tensor, steps: int, rho: float = 7.0) -> torch.Tensor:
@@ -352,8 +409,8 @@ class NoiseStream:
 
 def sample(
     model: LatentDiffusion,
-    c: torch.Tensor,
-    uc: torch.Tensor | None,
+    c: Cond,
+    uc: Cond | None,
     x_T: torch.Tensor | None = None,  # noqa: N803 (CompVis name)
     sampler: str = "ddim",
     steps: int = 50,
@@ -364,32 +421,42 @@ def sample(
     tuning: Tuning | None = None,
     callback: Callback | None = None,
     progress: bool = False,
+    spacing: str | None = None,
 ) -> torch.Tensor:
-    """Latents [B, 4, h, w] (scaled, ready for `decode_first_stage`) for conditioning c [B, 77, C].
+    """Latents [B, 4, h, w] (scaled, ready for `decode_first_stage`) for conditioning c (the context
+    [B, 77, C], or SDXL's dict from `get_learned_conditioning`).
 
     uc: the unconditional (negative prompt) conditioning for guidance, or None. x_T: the initial noise;
     otherwise drawn per image from `seed + i` (or the given list of seeds) on the CPU, with latent size
-    `shape` = (h, w) (default 64 x 64). The same seeds give the same images at any batch size.
-    tuning: SCEdit tuner scale and control (`Tuning`); callback: called with a `Step` after every step.
+    `shape` = (h, w) (default: the model's native size). The same seeds give the same images at any batch
+    size. tuning: SCEdit tuner scale and control (`Tuning`); callback: called with a `Step` after every step.
+    spacing: 'compvis' (CompVis's DDIM timesteps; uniform sigmas for Euler, Karras for DPM++ 2M; the
+    default for SD1/SD2) or 'trailing' (sgm's discretization and start x_T * sqrt(1 + sigma_max^2); the
+    default for SDXL).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     check_sampling_args(steps, scale, eta, model.num_timesteps)
+    spacing = _check_spacing(spacing or ("trailing" if model.cfg.family == "sdxl" else "compvis"))
     p = next(model.parameters())
-    b = c.shape[0]
+    b = cond_batch_size(c)
     seeds = _seeds(seed, b)
-    h, w = shape or (64, 64)
+    h, w = shape or (model.cfg.image_size, model.cfg.image_size)
     lat_shape = (b, model.model.diffusion_model.cfg.in_channels, h, w)
     x = x_T if x_T is not None else batch_noise(lat_shape, seeds, dtype=p.dtype, device=p.device)
-    denoiser = cfg_denoiser(model, c, uc, scale, tuning)
+    denoiser = cfg_denoiser(model, c, uc, scale, tuning, spacing)
     noise_fn = NoiseStream(tuple(x.shape), seeds, x.dtype, x.device)
     if sampler == "ddim":
-        z = sample_ddim(denoiser, x, steps, eta, noise_fn, callback=callback, progress=progress)
+        z = sample_ddim(denoiser, x, steps, eta, noise_fn, callback=callback, progress=progress, spacing=spacing)
     elif sampler == "plms":
-        z = sample_plms(denoiser, x, steps, callback=callback, progress=progress)
+        z = sample_plms(denoiser, x, steps, callback=callback, progress=progress, spacing=spacing)
     else:
-        sigmas = (sigmas_karras if sampler == "dpmpp_2m" else sigmas_uniform)(model.alphas_cumprod, steps)
-        x = x * sigmas[0].to(x.dtype)
+        if spacing == "trailing":
+            sigmas = sigmas_trailing(denoiser, steps)
+            x = x * (1.0 + sigmas[0] ** 2).sqrt().to(x.dtype)
+        else:
+            sigmas = (sigmas_karras if sampler == "dpmpp_2m" else sigmas_uniform)(model.alphas_cumprod, steps)
+            x = x * sigmas[0].to(x.dtype)
         if sampler == "euler":
             z = sample_euler(denoiser, x, sigmas, callback, progress)
         elif sampler == "euler_a":
@@ -411,9 +478,7 @@ def check_sampling_args(steps: int, scale: float, eta: float, timesteps: int = 1
         raise ValueError(f"eta must be in 0..1 (0: deterministic DDIM, 1: DDPM's noise), got {eta}")
 
 
-def non_finite_cause(
-    model: LatentDiffusion, c: torch.Tensor, uc: torch.Tensor | None, x: torch.Tensor, tuning: Tuning | None
-) -> str:
+def non_finite_cause(model: LatentDiffusion, c: Cond, uc: Cond | None, x: torch.Tensor, tuning: Tuning | None) -> str:
     """The likely cause of non-finite latents, checked in the order the inputs enter."""
     tuning = tuning or Tuning()
     control = tuning.control
@@ -422,7 +487,8 @@ def non_finite_cause(
         return all(torch.isfinite(t).all() for t in ts)
 
     unet = model.model.diffusion_model
-    if not finite([c] + ([uc] if uc is not None else [])):
+    conds = [c] + ([uc] if uc is not None else [])
+    if not finite([t for cond in conds for t in (cond.values() if isinstance(cond, dict) else [cond])]):
         return "the text conditioning holds NaN or inf (the text encoder's weights, or the prompt features given)"
     if not finite([x]):
         return "the initial noise x_T holds NaN or inf"

@@ -1,5 +1,6 @@
-"""Text encoders of SD1 (CLIP ViT-L/14, HF `CLIPTextModel` key layout) and SD2 (OpenCLIP ViT-H/14,
-open_clip key layout), both tokenised by open_clip's BPE tokenizer (the same vocabulary).
+"""Text encoders of SD1 (CLIP ViT-L/14, HF `CLIPTextModel` key layout), SD2 (OpenCLIP ViT-H/14, open_clip key
+layout) and SDXL (both kinds, as `conditioner.embedders.{0,1}`), tokenised by open_clip's BPE tokenizer (the
+same vocabulary).
 
 Both map a list of prompts to `[B, 77, width]` token features (the UNet's cross-attention context):
 - SD1 (`transformer.text_model.*`): quick_gelu, causal mask, last layer then `final_layer_norm`;
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .config import TextConfig
+from .config import SIZE_EMBED_DIM, TextConfig
 
 SOT, EOT = 49406, 49407
 log = logging.getLogger(__name__)
@@ -129,7 +130,9 @@ class _CLIPTextModel(nn.Module):
 
 
 class FrozenCLIPEmbedder(nn.Module):
-    """SD1 `cond_stage_model`: tokens [B, 77] -> last hidden state after final LayerNorm [B, 77, width]."""
+    """SD1 `cond_stage_model` (and SDXL's first tower): tokens [B, 77] -> context [B, 77, width]: the last
+    layer's output after final_layer_norm (SD1), or the penultimate hidden state without it (SDXL:
+    `hidden_states[11]`), per the config's `layer` and `final_norm`."""
 
     pad_token = EOT
 
@@ -141,10 +144,11 @@ class FrozenCLIPEmbedder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         tm = self.transformer.text_model
         n = tokens.shape[1]
-        x = tm.embeddings.token_embedding(tokens) + tm.embeddings.position_embedding.weight[:n]
-        for layer in tm.encoder.layers:
+        x = tm.embeddings.token_embedding(tokens) + tm.embeddings.position_embedding.weight[:n]  # [B, N, W]
+        layers = tm.encoder.layers if self.cfg.layer == "last" else tm.encoder.layers[:-1]
+        for layer in layers:
             x = layer(x)
-        return tm.final_layer_norm(x)
+        return tm.final_layer_norm(x) if self.cfg.final_norm else x
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         tokens = tokenize(prompts, self.cfg.context_length, self.pad_token)
@@ -210,8 +214,10 @@ class _OpenCLIPText(nn.Module):
 
 
 class FrozenOpenCLIPEmbedder(nn.Module):
-    """SD2 `cond_stage_model`: tokens [B, 77] -> ln_final(penultimate block output) [B, 77, width].
-    The last of the stored blocks is never run."""
+    """SD2 `cond_stage_model` (and SDXL's second tower): tokens [B, 77] -> context [B, 77, width]: SD2 takes
+    the penultimate block's output through ln_final (its last block is never run); SDXL's bigG takes it
+    without ln_final and also returns the pooled embedding [B, embed_dim] = ln_final(last block's output)
+    at the end token (the largest token id) @ text_projection (`pooled` in the config)."""
 
     pad_token = 0
 
@@ -220,17 +226,57 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         self.cfg = cfg
         self.model = _OpenCLIPText(cfg)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        x = m.token_embedding(tokens) + m.positional_embedding[: tokens.shape[1]]
-        for block in m.transformer.resblocks[:-1]:  # penultimate layer
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        m, cfg = self.model, self.cfg
+        x = m.token_embedding(tokens) + m.positional_embedding[: tokens.shape[1]]  # [B, N, W]
+        blocks = m.transformer.resblocks
+        for block in blocks[:-1]:
             x = block(x)
-        return m.ln_final(x)
+        context = x  # the last block's input: the penultimate layer
+        if cfg.layer == "last" or cfg.pooled:
+            x = blocks[-1](x)
+            context = x if cfg.layer == "last" else context
+        context = m.ln_final(context) if cfg.final_norm else context
+        if not cfg.pooled:
+            return context
+        eot = tokens.argmax(dim=-1)  # the end token has the largest id
+        pooled = m.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot] @ m.text_projection  # [B, E]
+        return context, pooled
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
+    def encode(self, prompts: list[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         tokens = tokenize(prompts, self.cfg.context_length, self.pad_token)
         return self(tokens.to(self.model.token_embedding.weight.device))
 
 
 def build_text_encoder(cfg: TextConfig) -> nn.Module:
     return FrozenCLIPEmbedder(cfg) if cfg.arch == "clip" else FrozenOpenCLIPEmbedder(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SDXL: two towers and the size embeddings (sgm `GeneralConditioner`)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def size_embedding(values: torch.Tensor, dim: int = SIZE_EMBED_DIM) -> torch.Tensor:
+    """sgm `ConcatTimestepEmbedderND`: [B, K] numbers -> [B, K * dim], each the sinusoidal timestep
+    embedding (cos first, max period 10000) of one number."""
+    from .unet import timestep_embedding
+
+    b, k = values.shape
+    return timestep_embedding(values.flatten(), dim).reshape(b, k * dim)
+
+
+class Conditioner(nn.Module):
+    """SDXL `conditioner`: `embedders.0` (CLIP ViT-L, HF layout) and `embedders.1` (OpenCLIP bigG).
+    {"crossattn": cat(context_0, context_1) [B, 77, 2048], "vector": cat(pooled_1, size embeddings) [B, 2816]}."""
+
+    def __init__(self, text: TextConfig, text2: TextConfig):
+        super().__init__()
+        self.embedders = nn.ModuleList([build_text_encoder(text), build_text_encoder(text2)])
+
+    def forward(self, prompts: list[str], sizes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """sizes [B, 6]: original (h, w), crop (top, left), target (h, w) per prompt."""
+        context_l = self.embedders[0].encode(prompts)  # [B, 77, W_l]
+        context_g, pooled = self.embedders[1].encode(prompts)  # [B, 77, W_g], [B, E]
+        vector = torch.cat([pooled, size_embedding(sizes.to(pooled.device)).to(pooled.dtype)], dim=1)
+        return {"crossattn": torch.cat([context_l, context_g], dim=-1), "vector": vector}

@@ -114,12 +114,14 @@ class UNetModel(nn.Module):
         ch = cfg.model_channels
         emb_ch = ch * 4
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-
-        def transformer(channels: int) -> SpatialTransformer:
-            heads, dim_head = cfg.heads(channels)
-            return SpatialTransformer(
-                channels, heads, dim_head, cfg.transformer_depth, cfg.context_dim, cfg.use_linear_in_transformer
+        if cfg.has_vector:  # SDXL: the vector conditioning is added to the time embedding (keys label_emb.0.*)
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
             )
+
+        def transformer(channels: int, depth: int) -> SpatialTransformer:
+            heads, dim_head = cfg.heads(channels)
+            return SpatialTransformer(channels, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer)
 
         # Encoder (cfg.encoder_blocks): conv_in, then per level ResBlocks [+ attention] and a Downsample.
         self.input_blocks = nn.ModuleList()
@@ -129,13 +131,14 @@ class UNetModel(nn.Module):
             elif kind == "down":
                 layers = [Downsample(ch)]
             else:
-                layers = [ResBlock(ch, emb_ch, out_ch)] + (
-                    [transformer(out_ch)] if ds in cfg.attention_resolutions else []
-                )
+                depth = cfg.attention_depth(ds)
+                layers = [ResBlock(ch, emb_ch, out_ch)] + ([transformer(out_ch, depth)] if depth else [])
             self.input_blocks.append(TimestepEmbedSequential(*layers))
             ch = out_ch
 
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_ch, ch), transformer(ch), ResBlock(ch, emb_ch, ch))
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_ch, ch), transformer(ch, cfg.depths[-1]), ResBlock(ch, emb_ch, ch)
+        )
 
         # Decoder: output block m runs at the resolution of skip m: a ResBlock on cat([h, skip m])
         # [+ attention], and an Upsample where the next skip has twice the resolution.
@@ -144,8 +147,8 @@ class UNetModel(nn.Module):
         for m, (skip_ch, ds) in enumerate(zip(cfg.skip_channels, factors, strict=True)):
             out_ch = cfg.model_channels * cfg.channel_mult[ds.bit_length() - 1]  # the level of factor ds
             layers = [ResBlock(ch + skip_ch, emb_ch, out_ch)]
-            if ds in cfg.attention_resolutions:
-                layers.append(transformer(out_ch))
+            if cfg.attention_depth(ds):
+                layers.append(transformer(out_ch, cfg.attention_depth(ds)))
             if m + 1 < len(factors) and factors[m + 1] < ds:
                 layers.append(Upsample(out_ch))
             self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -220,13 +223,22 @@ class UNetModel(nn.Module):
     # -- forward ----------------------------------------------------------------------------------------
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, tuning: Tuning | None = None
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        tuning: Tuning | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tuning: the SC-Tuner scale and the controllers' hints (see `Tuning`); None: tuners at scale 1,
-        no control."""
+        no control. y [B, adm_in_channels]: SDXL's vector conditioning (required there, absent otherwise)."""
         tuning = tuning or Tuning()
         controls = self._paired_controls(tuning.control)
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))  # [B, 4C]
+        if self.cfg.has_vector:
+            if y is None:
+                raise ValueError("this UNet (SDXL) takes the vector conditioning y: pass the conditioning dict")
+            emb = emb + self.label_emb(y.to(x.dtype))  # [B, 4C]
 
         # -- encoder: every block's output is a skip connection --
         hs = []

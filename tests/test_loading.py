@@ -184,8 +184,12 @@ def test_detect_family():
         assert detect_family(sd) == family
         unet_only = {k: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
         assert detect_family(unet_only) == family  # from proj_in's shape alone
-    with pytest.raises(CheckpointError, match="SDXL"):
-        detect_family({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(1)})
+    with torch.device("meta"):
+        sdxl = LatentDiffusion(PRESETS["sdxl-base"]).state_dict()
+    assert detect_family(sdxl) == "sdxl"
+    assert detect_family({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(1)}) == "sdxl"
+    with pytest.raises(CheckpointError, match="refiner"):
+        detect_family({"conditioner.embedders.0.model.ln_final.weight": torch.zeros(1)})
 
 
 def test_detected_preset_mismatch_names_the_fix(sd1):
