@@ -457,6 +457,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 def config_from_dict(data: dict[str, Any], where: str = "config") -> ModelConfig:
     """Our own layout (see `configs/*.yaml`), or an original CompVis/Stability inference config."""
     if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict) and "target" in data["model"]:
+        if data["model"]["target"] in _SGM_ENGINE:
+            return _from_sgm(data, where)
         return _from_compvis(data, where)
     if isinstance(data, dict) and "preset" in data:
         base = PRESETS[_preset_name(data["preset"])]
@@ -586,10 +588,167 @@ def _from_compvis(data: dict[str, Any], where: str) -> ModelConfig:
     return cfg.replace(unet=unet, vae=vae, text=text)
 
 
+# -- Stability's sgm inference YAML (SDXL: `sd_xl_base.yaml`) ---------------------------------------------
+
+_SGM_ENGINE = {"sgm.models.diffusion.DiffusionEngine"}
+_SGM_UNET = {"sgm.modules.diffusionmodules.openaimodel.UNetModel"}
+_SGM_VAE = {"sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "sgm.models.autoencoder.AutoencoderKL"}
+_SGM_TEXT = {
+    "sgm.modules.encoders.modules.FrozenCLIPEmbedder": _SDXL_CLIP,
+    "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2": _SDXL_BIGG,
+}
+_SGM_SIZES = "sgm.modules.encoders.modules.ConcatTimestepEmbedderND"
+_SGM_IGNORED = {
+    "disable_first_stage_autocast",
+    "denoiser_config",
+    "sampler_config",
+    "loss_fn_config",
+    "ckpt_path",
+    "input_key",
+    "log_keys",
+    "no_cond_log",
+    "compile_model",
+    "en_and_decode_n_samples_a_time",
+    "optimizer_config",
+    "scheduler_config",
+    "network_wrapper",
+    "use_ema",
+    "ema_decay_rate",
+}
+_SGM_IGNORED_UNET = _IGNORED_UNET | {"num_classes", "spatial_transformer_attn_type"}
+
+
+def _from_sgm(data: dict[str, Any], where: str) -> ModelConfig:
+    """An sgm DiffusionEngine config with the SDXL base's conditioner (CLIP-L, bigG, size embeddings)."""
+    model = _section(data, "model", where)
+    params = _section(model, "params", f"{where}: model", {})
+    p = f"{where}: model.params"
+    unknown = sorted(
+        map(
+            str,
+            set(params) - _SGM_IGNORED - {"scale_factor", "network_config", "conditioner_config", "first_stage_config"},
+        )
+    )
+    if unknown:
+        raise ConfigError(f"{p}: unsupported key(s) {unknown}")
+    net = _section(params, "network_config", p)
+    _target(net, _SGM_UNET, f"{p}.network_config")
+    up = dict(_section(net, "params", f"{p}.network_config"))
+    if up.get("num_classes", "sequential") != "sequential":
+        raise ConfigError(f"{p}.network_config: num_classes {up['num_classes']!r} is not supported (sequential)")
+    for heads in ("num_heads", "num_head_channels"):
+        if up.get(heads, -1) == -1:
+            up[heads] = None
+    unet = _build(UNetConfig, {k: v for k, v in up.items() if k not in _SGM_IGNORED_UNET}, f"{p}.network_config")
+    unet = dataclasses.replace(unet, hint_channels=_SDXL_UNET.hint_channels, hint_ratio=_SDXL_UNET.hint_ratio)
+
+    vae_cfg = _section(params, "first_stage_config", p)
+    _target(vae_cfg, _SGM_VAE, f"{p}.first_stage_config")
+    vae_params = _section(vae_cfg, "params", f"{p}.first_stage_config")
+    dd = {
+        k: v
+        for k, v in _section(vae_params, "ddconfig", f"{p}.first_stage_config.params").items()
+        if k not in ("resolution", "dropout", "attn_type", "double_z", "attn_resolutions")
+    }
+    vae = _build(VAEConfig, {**dd, "embed_dim": vae_params.get("embed_dim", 4)}, f"{p}.first_stage_config")
+
+    cond = _section(_section(params, "conditioner_config", p), "params", f"{p}.conditioner_config")
+    models = cond.get("emb_models")
+    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+        raise ConfigError(f"{p}.conditioner_config.params.emb_models: expected a list of embedders")
+    texts = [_SGM_TEXT[m.get("target")] for m in models if m.get("target") in _SGM_TEXT]
+    others = [m.get("target") for m in models if m.get("target") not in _SGM_TEXT and m.get("target") != _SGM_SIZES]
+    if len(texts) != 2 or others:
+        raise ConfigError(
+            f"{p}: the conditioner must be SDXL base's (CLIP-L, OpenCLIP bigG, size embedders), "
+            f"got {[m.get('target') for m in models]}"
+        )
+    scale = _coerce(params.get("scale_factor", 0.13025), float, f"{p}.scale_factor")
+    return PRESETS["sdxl-base"].replace(unet=unet, vae=vae, text=texts[0], text2=texts[1], scale_factor=scale)
+
+
+def _to_sgm_yaml(cfg: ModelConfig) -> dict[str, Any]:
+    """sgm's inference YAML (as `configs/inference/sd_xl_base.yaml`) describing an SDXL config."""
+    u, v = cfg.unet, cfg.vae
+    unet = {
+        "adm_in_channels": u.adm_in_channels,
+        "num_classes": "sequential",
+        "use_checkpoint": True,
+        "in_channels": u.in_channels,
+        "out_channels": u.out_channels,
+        "model_channels": u.model_channels,
+        "attention_resolutions": list(u.attention_resolutions),
+        "num_res_blocks": u.num_res_blocks,
+        "channel_mult": list(u.channel_mult),
+        "num_head_channels": u.num_head_channels,
+        "use_linear_in_transformer": u.use_linear_in_transformer,
+        "transformer_depth": list(u.depths),
+        "context_dim": u.context_dim,
+        "spatial_transformer_attn_type": "softmax-xformers",
+    }
+    sizes = [
+        {"is_trainable": False, "input_key": key, "target": _SGM_SIZES, "params": {"outdim": SIZE_EMBED_DIM}}
+        for key in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+    ]
+    texts = [
+        {
+            "is_trainable": False,
+            "input_key": "txt",
+            "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+            "params": {"layer": "hidden", "layer_idx": 11},
+        },
+        {
+            "is_trainable": False,
+            "input_key": "txt",
+            "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+            "params": {
+                "arch": "ViT-bigG-14",
+                "version": "laion2b_s39b_b160k",
+                "freeze": True,
+                "layer": "penultimate",
+                "always_return_pooled": True,
+                "legacy": False,
+            },
+        },
+    ]
+    ddconfig = {
+        "attn_type": "vanilla-xformers",
+        "double_z": True,
+        "z_channels": v.z_channels,
+        "resolution": 256,
+        "in_channels": v.in_channels,
+        "out_ch": v.out_ch,
+        "ch": v.ch,
+        "ch_mult": list(v.ch_mult),
+        "num_res_blocks": v.num_res_blocks,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+    params = {
+        "scale_factor": cfg.scale_factor,
+        "disable_first_stage_autocast": True,
+        "denoiser_config": {"target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser"},
+        "network_config": {"target": next(iter(_SGM_UNET)), "params": unet},
+        "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": texts + sizes}},
+        "first_stage_config": {
+            "target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper",
+            "params": {
+                "embed_dim": v.embed_dim,
+                "monitor": "val/rec_loss",
+                "ddconfig": ddconfig,
+                "lossconfig": {"target": "torch.nn.Identity"},
+            },
+        },
+    }
+    return {"model": {"target": next(iter(_SGM_ENGINE)), "params": params}}
+
+
 def to_compvis_yaml(cfg: ModelConfig) -> dict[str, Any]:
     """The original CompVis/Stability inference YAML (as a dict) describing `cfg`; `load_config` reads it back
     (the text tower is named by its class only, so tiny text sizes do not survive the round trip).
-    diffusers' single-file conversion takes it as `original_config`."""
+    diffusers' single-file conversion takes it as `original_config`. SDXL: sgm's YAML instead."""
+    if cfg.family == "sdxl":
+        return _to_sgm_yaml(cfg)
     u, v = cfg.unet, cfg.vae
     unet: dict[str, Any] = {
         "use_checkpoint": True,

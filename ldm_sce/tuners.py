@@ -72,12 +72,16 @@ class CSCTuner(nn.Module):
         self,
         cfg: UNetConfig,
         kernel: int = 1,
-        hint_channels: int = 256,
-        hint_ratio: int = 1,
+        hint_channels: int | None = None,
+        hint_ratio: int | None = None,
         down_ratio: float = 1.0,
         in_channels: int = 3,
     ):
+        """hint_channels, hint_ratio: the hint encoder's output width and width ratio (default: the base's,
+        `cfg.hint_channels` and `cfg.hint_ratio`: 256 and 1 for SD1/SD2, 320 and 2 for SDXL)."""
         super().__init__()
+        hint_channels = cfg.hint_channels if hint_channels is None else hint_channels
+        hint_ratio = cfg.hint_ratio if hint_ratio is None else hint_ratio
         if kernel not in (1, 3):
             raise ValueError(f"dense hint kernel must be 1 or 3, got {kernel}")
         self.kernel = kernel
