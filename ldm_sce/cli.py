@@ -21,7 +21,7 @@ from .conditions import CONDITIONS, condition_tensor, make_condition
 from .config import ConfigError
 from .diffusion import LatentDiffusion
 from .images import ImageError, NonFiniteError, free_path, load_image, save_png
-from .sampling import SAMPLERS
+from .sampling import SAMPLERS, SPACINGS
 from .tuner_files import load_tuner
 from .tuners import Control, Tuning
 
@@ -59,6 +59,19 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="also write each image's parameters as a .json sidecar")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--spacing", choices=SPACINGS, help="timesteps: compvis (SD1/SD2's default) or trailing (sgm's, SDXL's)"
+    )
+    p.add_argument(
+        "--vae-precision",
+        choices=("auto", "full", "autocast"),
+        default="auto",
+        help="auto: the VAE in fp32 when the rest runs in fp16 on an SDXL model (its VAE overflows in fp16)",
+    )
+    g = p.add_argument_group("SDXL micro-conditioning (default: as diffusers' pipeline)")
+    g.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), help="default: the image size")
+    g.add_argument("--crop-coords", type=int, nargs=2, metavar=("TOP", "LEFT"), help="default: 0 0")
+    g.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), help="default: the image size")
 
 
 def add_tuner_args(p: argparse.ArgumentParser) -> None:
@@ -135,6 +148,9 @@ RANGES = {
     "--control-start": (0.0, 1.0),
     "--control-end": (0.0, 1.0),
     "--strength": (0.0, 1.0),
+    "--original-size": (1, 16384),
+    "--crop-coords": (0, 16384),
+    "--target-size": (1, 16384),
 }
 
 
@@ -192,6 +208,44 @@ def load(args: argparse.Namespace) -> LatentDiffusion:
     return load_model(args.ckpt, config=args.config, parameterization=args.parameterization, device=args.device)
 
 
+def conditioning(model: LatentDiffusion, args: argparse.Namespace, prompts: list[str], height: int, width: int):
+    """(c, uc) for a batch of prompts: the context, or for SDXL the dict with the micro-conditioning of the
+    --original-size / --crop-coords / --target-size flags (default: diffusers' (H, W), (0, 0), (H, W)).
+    uc: the negative prompt's (SDXL with none: sgm's zeros), None without guidance."""
+    sizes = {"original_size": args.original_size, "crop_coords": args.crop_coords, "target_size": args.target_size}
+    if model.cfg.family != "sdxl":
+        given = [f"--{k.replace('_', '-')}" for k, v in sizes.items() if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only SDXL models take the micro-conditioning")
+        c = model.get_learned_conditioning(prompts)
+    else:
+        defaults = {"original_size": (height, width), "crop_coords": (0, 0), "target_size": (height, width)}
+        c = model.get_learned_conditioning(prompts, **{k: tuple(v or defaults[k]) for k, v in sizes.items()})
+    if args.scale == 1.0:
+        return c, None
+    return c, model.get_unconditional_conditioning(
+        c, [args.negative_prompt] * len(prompts) if args.negative_prompt else None
+    )
+
+
+def vae_context(model: LatentDiffusion, args: argparse.Namespace):
+    """Where the VAE runs: in fp32 (autocast off) where --vae-precision asks or, by default, for an SDXL
+    model when the rest runs in fp16 (its VAE overflows there: diffusers' force_upcast, kohya's
+    --no_half_vae); otherwise under the run's precision."""
+    fp16 = args.precision == "autocast" and torch.device(args.device).type == "cuda"
+    full = args.vae_precision == "full" or (args.vae_precision == "auto" and model.cfg.family == "sdxl" and fp16)
+    return torch.autocast(torch.device(args.device).type, enabled=False) if full else nullcontext()
+
+
+def decode(model: LatentDiffusion, z: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    with vae_context(model, args):
+        return model.decode_first_stage(z.to(next(model.first_stage_model.parameters()).dtype))
+
+
+def spacing(model: LatentDiffusion, args: argparse.Namespace) -> str:
+    return args.spacing or ("trailing" if model.cfg.family == "sdxl" else "compvis")
+
+
 def check_size(model: LatentDiffusion, h: int, w: int) -> None:
     multiple = model.cfg.image_multiple
     if h % multiple or w % multiple or h <= 0 or w <= 0:
@@ -230,9 +284,14 @@ def precision_context(args: argparse.Namespace):
     return torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
 
 
-def extra_params(args: argparse.Namespace) -> dict:
+def extra_params(args: argparse.Namespace, model: LatentDiffusion | None = None) -> dict:
     """Generation parameters beyond the basic ones, for the PNG metadata."""
     extra = {"Eta": args.ddim_eta} if args.sampler == "ddim" else {}
+    if model is not None:
+        extra["Schedule"] = spacing(model, args)
+    if model is not None and model.cfg.family == "sdxl":
+        extra.update({"Original size": args.original_size, "Crop": args.crop_coords, "Target size": args.target_size})
+        extra = {k: ("-".join(map(str, v)) if isinstance(v, list) else v) for k, v in extra.items() if v is not None}
     if args.tuner:
         extra.update({"SC-Tuner": Path(args.tuner).stem, "Tuner scale": args.tuner_scale})
     if args.control:

@@ -31,9 +31,16 @@ from ldm_sce.unet import UNetModel
 def tiny_config():
     """The SDXL preset with its sizes replaced, as a user would describe a model of other sizes."""
     base = PRESETS["sdxl-base"]
-    unet = dataclasses.replace(base.unet, model_channels=32, channel_mult=(1, 2, 2), num_head_channels=16,
-                               transformer_depth=(0, 1, 2), context_dim=64, adm_in_channels=32 + 6 * 256,
-                               hint_channels=64)  # fmt: skip
+    unet = dataclasses.replace(
+        base.unet,
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        num_head_channels=16,
+        transformer_depth=(0, 1, 2),
+        context_dim=64,
+        adm_in_channels=32 + 6 * 256,
+        hint_channels=64,
+    )
     text = dataclasses.replace(base.text, width=32, layers=3, heads=2, embed_dim=32)
     text2 = dataclasses.replace(base.text2, width=32, layers=3, heads=2, embed_dim=32)
     return base.replace(unet=unet, vae=PRESETS["tiny-sd1"].vae, text=text, text2=text2, image_size=8)
@@ -99,10 +106,16 @@ def test_vector_is_pooled_text_and_diffusers_size_embeddings(sdxl, ref_unet):
 
 
 def hf_tower(t: TextConfig, projection: bool):
-    config = CLIPTextConfig(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=4 * t.width,
-                            num_hidden_layers=t.layers, num_attention_heads=t.heads,
-                            max_position_embeddings=t.context_length,
-                            hidden_act="quick_gelu" if t.arch == "clip" else "gelu", projection_dim=t.embed_dim)  # fmt: skip
+    config = CLIPTextConfig(
+        vocab_size=t.vocab_size,
+        hidden_size=t.width,
+        intermediate_size=4 * t.width,
+        num_hidden_layers=t.layers,
+        num_attention_heads=t.heads,
+        max_position_embeddings=t.context_length,
+        hidden_act="quick_gelu" if t.arch == "clip" else "gelu",
+        projection_dim=t.embed_dim,
+    )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
@@ -151,8 +164,9 @@ def test_unconditional_conditioning_is_sgms(sdxl):
     assert torch.equal(uc["crossattn"], torch.zeros_like(c["crossattn"]))
     assert torch.equal(uc["vector"][:, :p], torch.zeros(2, p)) and torch.equal(uc["vector"][:, p:], c["vector"][:, p:])
     neg = model.get_unconditional_conditioning(c, ["blurry", "blurry"])
-    direct = model.get_learned_conditioning(["blurry"] * 2, original_size=(40, 30), crop_coords=(3, 5),
-                                            target_size=(16, 24))  # fmt: skip
+    direct = model.get_learned_conditioning(
+        ["blurry"] * 2, original_size=(40, 30), crop_coords=(3, 5), target_size=(16, 24)
+    )
     assert torch.equal(neg["crossattn"], direct["crossattn"]) and torch.equal(neg["vector"], direct["vector"])
 
 
@@ -222,8 +236,14 @@ def test_every_sampler_runs_on_sdxl_and_is_batch_invariant(sdxl, sampler):
     uc = model.get_unconditional_conditioning(c)
     with torch.no_grad():
         big = sample(model, c, uc, sampler=sampler, steps=4, seed=7)
-        one = sample(model, {k: v[1:2] for k, v in c.items()}, {k: v[1:2] for k, v in uc.items()}, sampler=sampler,
-                     steps=4, seed=[8])  # fmt: skip
+        one = sample(
+            model,
+            {k: v[1:2] for k, v in c.items()},
+            {k: v[1:2] for k, v in uc.items()},
+            sampler=sampler,
+            steps=4,
+            seed=[8],
+        )
     assert big.shape == (3, 4, 8, 8) and torch.isfinite(big).all()
     torch.testing.assert_close(big[1:2], one, rtol=1e-4, atol=1e-5)
 
@@ -235,8 +255,15 @@ def test_full_size_manifest_on_the_meta_device():
     with torch.device("meta"):
         model = LatentDiffusion(PRESETS["sdxl-base"])
     sd = model.state_dict()
-    counts = {p: sum(k.startswith(p) for k in sd) for p in ("model.diffusion_model.", "first_stage_model.",
-              "conditioner.embedders.0.", "conditioner.embedders.1.")}  # fmt: skip
+    counts = {
+        p: sum(k.startswith(p) for k in sd)
+        for p in (
+            "model.diffusion_model.",
+            "first_stage_model.",
+            "conditioner.embedders.0.",
+            "conditioner.embedders.1.",
+        )
+    }
     assert list(counts.values()) == [1680, 248, 197, 390] and len(sd) == 2515  # the real file's key set
     assert sum(v.numel() for k, v in sd.items() if k.startswith("model.diffusion_model.")) == 2_567_463_684
     assert sd["conditioner.embedders.1.model.text_projection"].shape == (1280, 1280)
@@ -266,3 +293,210 @@ def test_sdxl_files_are_recognised_and_tolerated_extras(sdxl, tmp_path):
         load_model(path)  # detected as SDXL: the full-size preset's shapes do not fit a tiny file
     with pytest.raises(CheckpointError, match="wrong shape|unexpected|missing"):
         load_model(path, config="tiny-sd1")
+
+
+# -- SCEdit on SDXL: tuner files ------------------------------------------------------------------------
+
+
+def randomize(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.05
+
+
+def test_tuner_and_controller_files_on_sdxl_in_every_layout(sdxl, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ldm_sce.tuner_files import csc_tuner_file, load_tuner, save_tuner_file, sc_tuner_file
+    from ldm_sce.tuners import Control, Tuning
+
+    _, _, cfg, path = sdxl
+    model = load_model(path, config=cfg)
+    unet = model.model.diffusion_model
+    tuners = unet.attach_sc_tuners()
+    assert len(tuners) == 9
+    for k, t in enumerate(tuners):
+        randomize(t, k)
+    ctrl = unet.attach_controller(CSCTuner(cfg.unet, kernel=3))
+    randomize(ctrl, 99)
+    assert ctrl.pre_hint_blocks[0].out_channels == 32 and ctrl.pre_hint_blocks[-1].out_channels == 64  # ratio 2
+    c, _ = conditioning(model)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([50, 900])
+    cond = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))  # 8x the 8x8 latent
+
+    def out(m, controller):
+        with torch.no_grad():
+            return m.apply_model(x, t, c, Tuning(control=Control([controller.hints(cond)], [1.0])))
+
+    ref = out(model, ctrl)
+    save_tuner_file(sc_tuner_file(model), tmp_path / "sc.safetensors")
+    save_tuner_file(csc_tuner_file(model, ctrl, "canny"), tmp_path / "canny.safetensors")
+    with safe_open(str(tmp_path / "sc.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["ldm_sce.tuner"])["base"] == "sdxl"
+    # the official layouts: a swift adapter folder and a released controller (pytorch_model.bin)
+    swift = tmp_path / "style" / "0_SwiftSCETuning"
+    swift.mkdir(parents=True)
+    save_file(
+        {
+            f"model.lsc_identity.{m}.scetuner_0_SwiftSCETuning.tuner_op.{k}": v.contiguous()
+            for m in range(9)
+            for k, v in unet.tuners[m].state_dict().items()
+        },
+        str(swift / "adapter_model.safetensors"),
+    )
+    released = tmp_path / "canny_xl" / "0_SwiftSCETuning"
+    released.mkdir(parents=True)
+    official = {}
+    for k, v in ctrl.state_dict().items():
+        parts = k.split(".")
+        if parts[0] == "lsc_tuner_blocks":
+            k = ".".join(parts[:2] + ["tuner_op"] + parts[2:])
+        official[f"0.{k}"] = v
+    torch.save(official, released / "pytorch_model.bin")
+    for sc_file, csc_file in (
+        (tmp_path / "sc.safetensors", tmp_path / "canny.safetensors"),
+        (tmp_path / "style", tmp_path / "canny_xl"),
+    ):
+        fresh = load_model(path, config=cfg)
+        load_tuner(fresh, sc_file, kind="sc")
+        loaded = load_tuner(fresh, csc_file, kind="csc")
+        assert torch.equal(out(fresh, loaded), ref), sc_file
+
+
+def test_tuners_of_another_family_are_refused_naming_both(sdxl, tiny_ckpts, tmp_path):
+    from ldm_sce.tuner_files import load_tuner, save_tuner_file, sc_tuner_file
+
+    _, _, cfg, path = sdxl
+    sd1 = load_model(tiny_ckpts["sd1"][1], config="tiny-sd1")
+    sd1.model.diffusion_model.attach_sc_tuners()
+    save_tuner_file(sc_tuner_file(sd1), tmp_path / "sd1.safetensors")
+    with pytest.raises(CheckpointError, match="made for sd1, model is sdxl"):
+        load_tuner(load_model(path, config=cfg), tmp_path / "sd1.safetensors")
+    xl = load_model(path, config=cfg)
+    xl.model.diffusion_model.attach_sc_tuners()
+    save_tuner_file(sc_tuner_file(xl), tmp_path / "xl.safetensors")
+    with pytest.raises(CheckpointError, match="made for sdxl, model is sd1"):
+        load_tuner(load_model(tiny_ckpts["sd1"][1], config="tiny-sd1"), tmp_path / "xl.safetensors")
+    # full-size dims differ as well: an SD1.5 tuner (12 skips of 1280..320) names both layouts
+    import json
+
+    from safetensors.torch import save_file
+
+    meta = {"kind": "sc", "skip_dims": list(PRESETS["sd-v1"].unet.skip_channels), "skips": [0], "base": "sd1"}
+    save_file(
+        {
+            "tuners.0.ln1.weight": torch.zeros(1280, 1280),
+            "tuners.0.ln1.bias": torch.zeros(1280),
+            "tuners.0.ln2.weight": torch.zeros(1280, 1280),
+            "tuners.0.ln2.bias": torch.zeros(1280),
+        },
+        str(tmp_path / "sd15.safetensors"),
+        metadata={"ldm_sce.tuner": json.dumps(meta)},
+    )
+    with pytest.raises(CheckpointError, match=r"skip dims \[1280, 1280, 1280.*\(sd1\).*\(sdxl\) has \[64"):
+        load_tuner(load_model(path, config=cfg), tmp_path / "sd15.safetensors")
+
+
+# -- the command line -------------------------------------------------------------------------------------
+
+
+def test_txt2img_and_img2img_on_sdxl(sdxl, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    _, _, cfg, path = sdxl
+    yaml_path = path.with_suffix(".yaml")  # a sidecar config, as users keep them
+    import yaml
+
+    yaml_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(root / "tools" / "txt2img.py"),
+            "--ckpt",
+            str(path),
+            "--prompt",
+            "a cat",
+            "--ddim_steps",
+            "3",
+            "--negative-prompt",
+            "blurry",
+            "--original-size",
+            "40",
+            "30",
+            "--crop-coords",
+            "2",
+            "3",
+            "--outdir",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    img = Image.open(out / "samples" / "00000.png")
+    assert img.size == (16, 16)  # the model's own size: image_size 8 x the VAE's factor 2
+    text = img.text["parameters"]
+    assert "Original size: 40-30" in text and "Crop: 2-3" in text and "Schedule: trailing" in text
+    init = tmp_path / "init.png"
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(init)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(root / "tools" / "img2img.py"),
+            "--ckpt",
+            str(path),
+            "--init-img",
+            str(init),
+            "--ddim_steps",
+            "4",
+            "--strength",
+            "0.5",
+            "--outdir",
+            str(tmp_path / "i2i"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "i2i" / "samples" / "00000.png").size == (16, 16)
+    yaml_path.unlink()
+
+
+def test_micro_conditioning_flags_are_sdxl_only(tiny_ckpts, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(root / "tools" / "txt2img.py"),
+            "--ckpt",
+            str(tiny_ckpts["sd1"][1]),
+            "--config",
+            "tiny-sd1",
+            "--target-size",
+            "16",
+            "16",
+            "--ddim_steps",
+            "2",
+            "--outdir",
+            str(tmp_path),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "--target-size: only SDXL models take the micro-conditioning" in r.stderr

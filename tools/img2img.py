@@ -18,8 +18,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image  # noqa: E402
 
 from ldm_sce import cli  # noqa: E402
-from ldm_sce.images import image_to_tensor, load_image, make_grid, next_index, save_png, to_pil  # noqa: E402
-from ldm_sce.sampling import NoiseStream, batch_noise, cfg_denoiser, ddim_stochastic_encode, sample_ddim, sample_plms  # noqa: E402
+from ldm_sce.images import NonFiniteError, image_to_tensor, load_image, make_grid, next_index, save_png, to_pil  # noqa: E402
+from ldm_sce.sampling import (  # noqa: E402
+    NoiseStream,
+    batch_noise,
+    cfg_denoiser,
+    ddim_stochastic_encode,
+    non_finite_cause,
+    sample_ddim,
+    sample_plms,
+)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -53,7 +61,8 @@ def main(args: argparse.Namespace) -> None:
     images = []
     with torch.no_grad(), cli.precision_context(args):
         x0_img = image_to_tensor(init).to(p.device, p.dtype)
-        posterior = model.encode_first_stage(x0_img)
+        with cli.vae_context(model, args):
+            posterior = model.encode_first_stage(x0_img)
         for batch in cli.batches(prompts, args.n_samples, args.n_iter):
             n = len(batch)
             seeds = list(range(seed, seed + n))
@@ -62,18 +71,29 @@ def main(args: argparse.Namespace) -> None:
             eps_q = batch_noise((n, *posterior.mean.shape[1:]), [x + 0x1000 for x in seeds], p.dtype, p.device)
             z0 = model.scale_factor * (posterior.mean + posterior.std * eps_q)
             noise = batch_noise(tuple(z0.shape), seeds, dtype=p.dtype, device=p.device)
-            z = ddim_stochastic_encode(model.alphas_cumprod, z0, args.ddim_steps, t_enc, noise)
-            c = model.get_learned_conditioning(batch)
-            uc = model.get_learned_conditioning([args.negative_prompt] * n) if args.scale != 1.0 else None
-            denoiser = cfg_denoiser(model, c, uc, args.scale, tuning)
+            spacing = cli.spacing(model, args)
+            z = ddim_stochastic_encode(model.alphas_cumprod, z0, args.ddim_steps, t_enc, noise, spacing)
+            c, uc = cli.conditioning(model, args, batch, h, w)
+            denoiser = cfg_denoiser(model, c, uc, args.scale, tuning, spacing)
             if args.sampler == "ddim":
                 noise_fn = NoiseStream(tuple(z.shape), seeds, z.dtype, z.device)
                 z = sample_ddim(
-                    denoiser, z, args.ddim_steps, args.ddim_eta, noise_fn, t_start=t_enc, progress=not args.quiet
+                    denoiser,
+                    z,
+                    args.ddim_steps,
+                    args.ddim_eta,
+                    noise_fn,
+                    t_start=t_enc,
+                    progress=not args.quiet,
+                    spacing=spacing,
                 )
             else:
-                z = sample_plms(denoiser, z, args.ddim_steps, t_start=t_enc, progress=not args.quiet)
-            batch_images = to_pil(model.decode_first_stage(z))
+                z = sample_plms(denoiser, z, args.ddim_steps, t_start=t_enc, progress=not args.quiet, spacing=spacing)
+            if not torch.isfinite(z).all():
+                raise NonFiniteError(
+                    f"the sampled latents hold NaN or inf: {non_finite_cause(model, c, uc, z, tuning)}"
+                )
+            batch_images = to_pil(cli.decode(model, z, args))
 
             # -- outputs --
             for img, prompt, s in zip(batch_images, batch, seeds, strict=True):
@@ -90,7 +110,7 @@ def main(args: argparse.Namespace) -> None:
                     "extra": {
                         "Denoising strength": args.strength,
                         "Init image": Path(args.init_img).name,
-                        **cli.extra_params(args),
+                        **cli.extra_params(args, model),
                     },
                 }
                 cli.save_sample(img, sample_dir / f"{index:05}.png", params, args.json)

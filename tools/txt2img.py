@@ -43,8 +43,7 @@ def main(args: argparse.Namespace) -> None:
     with torch.no_grad(), cli.precision_context(args):
         for batch in cli.batches(prompts, args.n_samples, args.n_iter):
             n = len(batch)
-            c = model.get_learned_conditioning(batch)
-            uc = model.get_learned_conditioning([args.negative_prompt] * n) if args.scale != 1.0 else None
+            c, uc = cli.conditioning(model, args, batch, args.H, args.W)
             seeds = list(range(seed, seed + n))
             seed += n
             z = sample(
@@ -59,8 +58,9 @@ def main(args: argparse.Namespace) -> None:
                 shape=model.cfg.latent_size(args.H, args.W),
                 tuning=tuning,
                 progress=not args.quiet,
+                spacing=cli.spacing(model, args),
             )
-            batch_images = to_pil(model.decode_first_stage(z))
+            batch_images = to_pil(cli.decode(model, z, args))
 
             # -- outputs: one numbered PNG per image, parameters inside --
             for img, prompt, s in zip(batch_images, batch, seeds, strict=True):
@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> None:
                     "width": args.W,
                     "height": args.H,
                     "model": Path(args.ckpt).stem,
-                    "extra": cli.extra_params(args),
+                    "extra": cli.extra_params(args, model),
                 }
                 cli.save_sample(img, sample_dir / f"{index:05}.png", params, args.json)
                 first_params = first_params or params
