@@ -26,12 +26,17 @@ def _cv2():
 
 def resize_center_crop(img: Image.Image, width: int, height: int) -> Image.Image:
     """Scale so the image covers width x height, then crop the center (any mode: made RGB by `to_rgb`)."""
+    return resize_center_crop_box(img, width, height)[0]
+
+
+def resize_center_crop_box(img: Image.Image, width: int, height: int) -> tuple[Image.Image, tuple[int, int]]:
+    """`resize_center_crop` and the crop's (top, left) in the resized image (SDXL conditions on it)."""
     img = img if img.mode == "RGB" else to_rgb(img)
     scale = max(width / img.width, height / img.height)
     w, h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
     img = img.resize((w, h), Image.BICUBIC)
     left, top = (w - width) // 2, (h - height) // 2
-    return img.crop((left, top, left + width, top + height))
+    return img.crop((left, top, left + width, top + height)), (top, left)
 
 
 def canny(img: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:

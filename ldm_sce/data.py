@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .conditions import condition_tensor, make_condition, resize_center_crop
+from .conditions import condition_tensor, make_condition, resize_center_crop_box
 from .config import ConfigError
 from .images import ImageError, load_image
 
@@ -134,15 +134,24 @@ class TrainDataset(torch.utils.data.Dataset):
         item = self.items[i]
         rng = np.random.default_rng([self.seed, epoch, i])
         try:
-            img = resize_center_crop(load_image(item.image), self.resolution, self.resolution)
+            original = load_image(item.image)
+            img, (top, left) = resize_center_crop_box(original, self.resolution, self.resolution)
         except ImageError as e:
             if item.image not in self.bad:
                 log.warning("skipping unreadable image %s (%s)", item.image, e)
             self.bad.add(item.image)
             return None
-        caption = "" if rng.random() < self.caption_dropout else self.trigger + item.caption + self.suffix
+        dropped = rng.random() < self.caption_dropout
+        caption = "" if dropped else self.trigger + item.caption + self.suffix
         arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-        out = {"image": torch.from_numpy(arr).permute(2, 0, 1), "caption": caption}
+        # SDXL's micro-conditioning, as it was trained: the original size, the crop and the target size
+        sizes = torch.tensor([original.height, original.width, top, left, self.resolution, self.resolution])
+        out = {
+            "image": torch.from_numpy(arr).permute(2, 0, 1),
+            "caption": caption,
+            "dropped": dropped,
+            "sizes": sizes.float(),
+        }
         if self.condition:
             out["cond"] = condition_tensor(self._condition(img, item, rng))[0]
         return out
@@ -159,7 +168,12 @@ def collate(batch: list[dict | None]) -> dict | None:
     batch = [b for b in batch if b is not None]
     if not batch:
         return None
-    out = {"image": torch.stack([b["image"] for b in batch]), "caption": [b["caption"] for b in batch]}
+    out = {
+        "image": torch.stack([b["image"] for b in batch]),
+        "caption": [b["caption"] for b in batch],
+        "dropped": torch.tensor([b["dropped"] for b in batch]),
+        "sizes": torch.stack([b["sizes"] for b in batch]),
+    }
     if "cond" in batch[0]:
         out["cond"] = torch.stack([b["cond"] for b in batch])
     return out

@@ -276,7 +276,16 @@ class Conditioner(nn.Module):
 
     def forward(self, prompts: list[str], sizes: torch.Tensor) -> dict[str, torch.Tensor]:
         """sizes [B, 6]: original (h, w), crop (top, left), target (h, w) per prompt."""
+        context, pooled = self.encode_text(prompts)
+        return {"crossattn": context, "vector": self.vector(pooled, sizes)}
+
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context [B, 77, W_l + W_g], pooled [B, E]) of the prompts."""
         context_l = self.embedders[0].encode(prompts)  # [B, 77, W_l]
         context_g, pooled = self.embedders[1].encode(prompts)  # [B, 77, W_g], [B, E]
-        vector = torch.cat([pooled, size_embedding(sizes.to(pooled.device)).to(pooled.dtype)], dim=1)
-        return {"crossattn": torch.cat([context_l, context_g], dim=-1), "vector": vector}
+        return torch.cat([context_l, context_g], dim=-1), pooled
+
+    @staticmethod
+    def vector(pooled: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """The vector conditioning [B, E + 6 x 256]: pooled text, then the size embeddings."""
+        return torch.cat([pooled, size_embedding(sizes.to(pooled.device)).to(pooled.dtype)], dim=1)

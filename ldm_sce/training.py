@@ -39,7 +39,7 @@ from torch import nn
 from .checkpoint_io import CheckpointError, load_model
 from .config import ConfigError
 from .data import TrainDataset, collate, scan
-from .diffusion import LatentDiffusion
+from .diffusion import Cond, LatentDiffusion
 from .images import ImageError, load_image
 from .methods import Method, build_method
 from .train_config import OptimSection, TrainConfig, config_changes, load_train_config
@@ -231,7 +231,7 @@ class Trainer:
         noise = noise.to(dev)
         x_t = model.q_sample(z0, t, noise)
         target = noise if model.parameterization == "eps" else model.get_v(z0, noise, t)
-        out = {"x_t": x_t, "t": t, "c": self._text(batch["caption"]), "target": target}
+        out = {"x_t": x_t, "t": t, "c": self._conditioning(batch), "target": target}
         if "cond" in batch:
             out["cond"] = batch["cond"].to(dev)
         out["weight"] = len(rows) / share  # share of this rank's slots that held a readable image
@@ -246,13 +246,36 @@ class Trainer:
             self._posteriors[i] = (post.mean, post.std)
         return post.mean, post.std
 
-    def _text(self, captions: list[str]) -> torch.Tensor:
+    def _conditioning(self, batch: dict) -> Cond:
+        """The batch's text conditioning. SDXL: the text features with each image's size embeddings
+        (original size, crop, target), and dropped captions as sgm trains them: both text parts zero."""
+        text = self._text(batch["caption"])
+        if self.model.cfg.family != "sdxl":
+            return text
+        context, pooled = text
+        keep = (~batch["dropped"]).to(context.device, context.dtype)
+        context, pooled = context * keep[:, None, None], pooled * keep[:, None]
+        vector = self.model.conditioner.vector(pooled, batch["sizes"])
+        return {"crossattn": context, "vector": vector}
+
+    def _text(self, captions: list[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Text features of the captions (SDXL: context and pooled); cached with data.cache."""
+        encode = (
+            self.model.conditioner.encode_text
+            if self.model.cfg.family == "sdxl"
+            else self.model.get_learned_conditioning
+        )
         if not self.cfg.data.cache:
-            return self.model.get_learned_conditioning(captions)
+            return encode(captions)
         missing = sorted({c for c in captions if c not in self._texts})
         if missing:
-            self._texts.update(zip(missing, self.model.get_learned_conditioning(missing), strict=True))
-        return torch.stack([self._texts[c] for c in captions])
+            features = encode(missing)
+            rows = zip(*features, strict=True) if isinstance(features, tuple) else features
+            self._texts.update(zip(missing, rows, strict=True))
+        rows = [self._texts[c] for c in captions]
+        if isinstance(rows[0], tuple):
+            return tuple(torch.stack(part) for part in zip(*rows, strict=True))
+        return torch.stack(rows)
 
     def train(self) -> Path | None:
         cfg, o = self.cfg, self.cfg.optim
@@ -378,8 +401,9 @@ class Trainer:
         for k, prompt in enumerate(v.prompts):
             control_image = load_image(v.control_images[k % len(v.control_images)]) if v.control_images else None
             tuning = self.method.validation_tuning(control_image, model.cfg.condition_size(res, res))
-            c = model.get_learned_conditioning([prompt] * len(v.seeds))
-            uc = model.get_learned_conditioning([""] * len(v.seeds))
+            sizes = {"original_size": (res, res), "target_size": (res, res)} if model.cfg.family == "sdxl" else {}
+            c = model.get_learned_conditioning([prompt] * len(v.seeds), **sizes)
+            uc = model.get_unconditional_conditioning(c)
             z = sample(
                 model,
                 c,

@@ -500,3 +500,48 @@ def test_micro_conditioning_flags_are_sdxl_only(tiny_ckpts, tmp_path):
         text=True,
     )
     assert r.returncode == 2 and "--target-size: only SDXL models take the micro-conditioning" in r.stderr
+
+
+# -- training -----------------------------------------------------------------------------------------------
+
+
+def test_sc_training_on_sdxl_conditions_on_each_images_size_and_crop(sdxl, tmp_path):
+    import yaml
+    from PIL import Image
+
+    from ldm_sce.training import Trainer, load_train_config
+    from ldm_sce.tuner_files import load_tuner, read_tuner_file
+
+    _, _, cfg, path = sdxl
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, (w, h) in enumerate([(24, 16), (16, 32), (16, 16), (40, 16)]):  # landscape, portrait, square
+        Image.new("RGB", (w, h), (40 * i, 200, 90)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a picture number {i}")
+    config_path = tmp_path / "model.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    train = {"model": {"ckpt": str(path), "config": str(config_path)}, "method": {"name": "sc"},
+             "data": {"path": str(data), "resolution": 16, "caption_dropout": 0.5},
+             "optim": {"lr": 1e-3, "batch_size": 4, "max_steps": 2}, "output_dir": str(tmp_path / "out"),
+             "log_every": 1, "save_every": 0, "validation": {"prompts": ["a picture"], "steps": 2}}  # fmt: skip
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train))
+    trainer = Trainer(load_train_config(tmp_path / "train.yaml"))
+    batch = trainer._prepare(0)
+    order = trainer._global_indices(0)
+    # the original sizes and the center crops' (top, left) in the resized images, then the 16x16 target
+    expected = {0: (16, 24, 0, 4), 1: (32, 16, 8, 0), 2: (16, 16, 0, 0), 3: (16, 40, 0, 12)}
+    model = trainer.model
+    dropped = [trainer.data[0, i]["dropped"] for i in order]
+    assert any(dropped) and not all(dropped)  # caption dropout 0.5 over four images: both kinds here
+    for row, i in enumerate(order):
+        h, w, top, left = expected[i]
+        caption = "" if dropped[row] else f"a picture number {i}"
+        ref = model.get_learned_conditioning([caption], original_size=(h, w), crop_coords=(top, left),
+                                             target_size=(16, 16))  # fmt: skip
+        if dropped[row]:  # sgm's caption dropout: both text parts zero, the sizes kept
+            ref = model.get_unconditional_conditioning(ref)
+        torch.testing.assert_close(batch["c"]["vector"][row], ref["vector"][0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(batch["c"]["crossattn"][row], ref["crossattn"][0], rtol=0, atol=1e-6)
+    out = trainer.train()
+    assert read_tuner_file(out).base == "sdxl" and (tmp_path / "out" / "validation" / "step-000002.png").is_file()
+    assert len(load_tuner(load_model(path, config=cfg), out)) == 9

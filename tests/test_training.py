@@ -147,13 +147,15 @@ def test_corrupt_image_is_skipped_and_counted(tiny_ckpts, dataset, tmp_path):
 
 
 def test_shipped_training_configs_validate(tiny_ckpts, dataset, tmp_path):
-    # the paper's settings (tab. 4): AdamW lr 5e-5, fp16; few-shot t2i batch 8 for 1,500 steps; controllers
+    # the paper's settings (tab. 4): AdamW lr 5e-5, fp16; few-shot t2i batch 8 for 1,500 steps (SDXL: scepter's); controllers
     # kernel 3 (the released ones), batch 64 for 100k steps
     expected = {
         "sd15_512_sce_t2i": ("sc", 512, 8, 1500, None),
         "sd21_768_sce_t2i": ("sc", 768, 8, 1500, None),
         "sd15_512_sce_ctr_hed": ("csc", 512, 64, 100_000, "raw"),
         "sd21_768_sce_ctr_canny": ("csc", 768, 64, 100_000, "canny"),
+        "sdxl_1024_sce_t2i": ("sc", 1024, 1, 2000, None),  # scepter's SDXL style run: batch 1, 2,000 steps
+        "sdxl_1024_sce_ctr_canny": ("csc", 1024, 64, 100_000, "canny"),
     }
     for name, (method, res, batch, steps, condition) in expected.items():
         cfg = load_train_config(ROOT / "configs" / "train" / f"{name}.yaml")
