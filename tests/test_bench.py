@@ -11,10 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench(tmp_path, *args):
+def bench(tmp_path, *args, preset="tiny-sd1"):
     out = tmp_path / "bench.json"
     r = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench.py"), *map(str, args), "--preset", "tiny-sd1", "--json", out],
+        [sys.executable, str(ROOT / "tools" / "bench.py"), *map(str, args), "--preset", preset, "--json", out],
         capture_output=True,
         text=True,
     )
@@ -62,3 +62,14 @@ def test_train_every_method(tmp_path):
     assert params["full"] == 2_164_452
     assert {"sc/lora_peft overhead", "sc/full time", "csc1/controlnet overhead"} <= set(result["ratios"])
     assert "sc_hires" in stdout
+
+
+def test_sdxl_unet_in_separate_processes_and_training_methods(tmp_path):
+    result, stdout = bench(tmp_path, "unet", "--latent", 8, "--runs", 1, "--batch", 1, "--separate", preset="tiny-sdxl")
+    assert result["separate_processes"] and result["max_abs_diff"] is None and "own weights" in stdout
+    result, _ = bench(
+        tmp_path, "train", "--res", 16, "--steps", 1, "--methods", "sc,lora,lora_peft", preset="tiny-sdxl"
+    )
+    params = {r["method"]: r["trainable_params"] for r in result["rows"]}
+    # tiny-sdxl has tiny-sd1's skip channels; ours and peft's LoRA put rank 64 on the same linears
+    assert params["sc"] == 50_048 and params["lora"] == params["lora_peft"] > 0

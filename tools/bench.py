@@ -90,30 +90,108 @@ def condition_size(cfg: ModelConfig, latent: int) -> tuple[int, int]:
     return cfg.condition_size(side, side)
 
 
+def unet_inputs(cfg: ModelConfig, batch: int, latent: tuple[int, int], device="cpu"):
+    """(x, t, context, our extra kwargs, diffusers' extra kwargs): random inputs of a UNet forward; for SDXL
+    also the vector conditioning (ours: y; diffusers: the pooled text and the size ids it embeds itself)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, *latent, generator=g)
+    t = torch.full((batch,), 500)
+    ctx = torch.randn(batch, 77, cfg.unet.context_dim, generator=g)
+    ours, theirs = {}, {}
+    if cfg.unet.has_vector:
+        from ldm_sce.text_encoders import Conditioner
+
+        pooled = torch.randn(batch, cfg.text2.embed_dim, generator=g)
+        side = [v * cfg.vae.downsample_factor for v in latent]
+        sizes = torch.tensor([[*side, 0, 0, *side]] * batch, dtype=torch.float32)
+        ours = {"y": Conditioner.vector(pooled, sizes).to(device)}
+        theirs = {"added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": sizes.to(device)}}
+    return x.to(device), t.to(device), ctx.to(device), ours, theirs
+
+
+def diffusers_unet_config(cfg: ModelConfig) -> dict:
+    """diffusers' UNet config for our UNet config, from diffusers' own single-file code."""
+    from diffusers.loaders import single_file_utils as su
+
+    with torch.device("meta"):
+        keys = {"model.diffusion_model." + k: v for k, v in UNetModel(cfg.unet).state_dict().items()}
+    dcfg = su.create_unet_diffusers_config_from_ldm(to_compvis_yaml(cfg), keys)
+    if cfg.unet.has_vector:  # diffusers picks SDXL's text_time embedding only for context 2048 or 1280
+        dcfg.update(addition_embed_type="text_time", addition_time_embed_dim=256, class_embed_type=None)
+    return dcfg
+
+
 def diffusers_unet_from(ours: UNetModel, preset: str):
     """diffusers' UNet with our weights, converted by diffusers' own single-file code."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders import single_file_utils as su
 
     ckpt = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
-    dcfg = su.create_unet_diffusers_config_from_ldm(to_compvis_yaml(PRESETS[preset]), ckpt)
+    dcfg = diffusers_unet_config(PRESETS[preset])
     ref = UNet2DConditionModel(**dcfg)
     ref.load_state_dict(su.convert_ldm_unet_checkpoint(ckpt, dcfg), strict=True)
     return ref.eval().requires_grad_(False)
 
 
-def bench_unet(args) -> dict:
+def unet_runner(impl: str, cfg: ModelConfig, ours: UNetModel | None, args):
+    """A no-argument forward of our UNet or of diffusers' (on `ours`'s weights when given, else random)."""
+    x, t, ctx, extra_ours, extra_theirs = unet_inputs(cfg, args.batch, (args.latent, args.latent))
+    if impl == "ldm_sce":
+        return lambda: ours(x, t, ctx, **extra_ours)
+    from diffusers import UNet2DConditionModel
+
+    if ours is not None:
+        theirs = diffusers_unet_from(ours, args.preset)
+    else:
+        theirs = randomize(UNet2DConditionModel(**diffusers_unet_config(cfg))).eval().requires_grad_(False)
+    return lambda: theirs(x, t, ctx, **extra_theirs).sample
+
+
+def unet_one(args) -> list[float]:
+    """Seconds of `args.runs` forwards (after a warm-up) of one implementation, alone in this process."""
     torch.manual_seed(0)
     cfg = PRESETS[args.preset]
-    ours = randomize(UNetModel(cfg.unet)).eval().requires_grad_(False)
-    theirs = diffusers_unet_from(ours, args.preset)
-    x = torch.randn(args.batch, 4, args.latent, args.latent)
-    t = torch.full((args.batch,), 500)
-    ctx = torch.randn(args.batch, 77, cfg.unet.context_dim)
-    runners = {"ldm_sce": lambda: ours(x, t, ctx), "diffusers": lambda: theirs(x, t, ctx).sample}
+    ours = randomize(UNetModel(cfg.unet)).eval().requires_grad_(False) if args.impl == "ldm_sce" else None
+    run = unet_runner(args.impl, cfg, ours, args)
     with torch.inference_mode():
-        diff = (runners["ldm_sce"]() - runners["diffusers"]()).abs().max().item()  # warm-up and sanity
-        times = alternate(runners, args.runs)
+        run()
+        return alternate({"one": run}, args.runs)["one"]
+
+
+def bench_unet(args) -> dict:
+    import subprocess
+
+    torch.manual_seed(0)
+    cfg = PRESETS[args.preset]
+    diff = None
+    if args.separate:  # one model per process (SDXL: two fp32 UNets do not fit in 24 GB together)
+        times = {}
+        for impl in ("ldm_sce", "diffusers"):
+            cmd = [
+                sys.executable,
+                __file__,
+                "unet-one",
+                "--impl",
+                impl,
+                "--preset",
+                args.preset,
+                "--batch",
+                str(args.batch),
+                "--latent",
+                str(args.latent),
+                "--runs",
+                str(args.runs),
+            ]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                raise SystemExit(f"unet-one {impl} failed: {r.stderr.strip()[-2000:]}")
+            times[impl] = json.loads(r.stdout.strip().splitlines()[-1])
+    else:
+        ours = randomize(UNetModel(cfg.unet)).eval().requires_grad_(False)
+        runners = {impl: unet_runner(impl, cfg, ours, args) for impl in ("ldm_sce", "diffusers")}
+        with torch.inference_mode():
+            diff = (runners["ldm_sce"]() - runners["diffusers"]()).abs().max().item()  # warm-up and sanity
+            times = alternate(runners, args.runs)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     return {
         "bench": "unet_forward",
@@ -127,6 +205,7 @@ def bench_unet(args) -> dict:
         "seconds_all": times,
         "ratio_ldm_sce_over_diffusers": med["ldm_sce"] / med["diffusers"],
         "max_abs_diff": diff,
+        "separate_processes": args.separate,
     }
 
 
@@ -136,9 +215,7 @@ def bench_infer(args) -> dict:
     torch.manual_seed(0)
     cfg = PRESETS[args.preset]
     unet = randomize(UNetModel(cfg.unet)).eval().requires_grad_(False)
-    x = torch.randn(args.batch, 4, args.latent, args.latent)
-    t = torch.full((args.batch,), 500)
-    ctx = torch.randn(args.batch, 77, cfg.unet.context_dim)
+    x, t, ctx, extra_ours, extra_theirs = unet_inputs(cfg, args.batch, (args.latent, args.latent))
     ctrls = {k: CSCTuner(cfg.unet, kernel=k).eval().requires_grad_(False) for k in (1, 3)}
     for ctrl in ctrls.values():
         for p in ctrl.parameters():
@@ -153,9 +230,10 @@ def bench_infer(args) -> dict:
 
         def diffusers_forward(controlnet: bool) -> torch.Tensor:
             if not controlnet:
-                return dunet(x, t, ctx).sample
-            down, mid = dctrl(x, t, ctx, controlnet_cond=dcond, return_dict=False)
-            return dunet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+                return dunet(x, t, ctx, **extra_theirs).sample
+            down, mid = dctrl(x, t, ctx, controlnet_cond=dcond, return_dict=False, **extra_theirs)
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            return dunet(x, t, ctx, **residuals, **extra_theirs).sample
 
         runners = {
             "diffusers": lambda: diffusers_forward(False),
@@ -179,7 +257,7 @@ def bench_infer(args) -> dict:
     def forward(sc: bool, csc: int | None) -> torch.Tensor:
         unet.replace_tuners(sc_slots if sc else no_slots)
         unet.replace_controllers([ctrls[csc]] if csc else [])
-        return unet(x, t, ctx, Tuning(control=Control([hints[csc]], [1.0]) if csc else None))
+        return unet(x, t, ctx, Tuning(control=Control([hints[csc]], [1.0]) if csc else None), **extra_ours)
 
     variants = {"base": (False, None), "sc": (True, None), "csc1": (False, 1), "csc3": (False, 3), "sc+csc1": (True, 1)}
     runners = {name: (lambda sc=sc, csc=csc: forward(sc, csc)) for name, (sc, csc) in variants.items()} | runners
@@ -263,13 +341,13 @@ def train_one(args) -> dict:
     params = method.attach(unet)
     unet.checkpoint_decoder = args.grad_ckpt
 
-    def forward(x, t, ctx, cond):
-        return unet(x, t, ctx, method.tuning(cond))
+    def forward(x, t, ctx, cond, extra):
+        return unet(x, t, ctx, method.tuning(cond), **extra[0])
 
-    return _timed_training(args, dev, params, forward, cfg.unet.context_dim)
+    return _timed_training(args, dev, params, forward, cfg)
 
 
-def _timed_training(args, dev, params, forward, ctx_dim) -> dict:
+def _timed_training(args, dev, params, forward, cfg: ModelConfig) -> dict:
     """AdamW steps of MSE(forward(x, t, ctx, cond), target) on random inputs: peak memory, overhead over
     the memory held before the first step, and step times after one warm-up step."""
     import resource
@@ -279,12 +357,10 @@ def _timed_training(args, dev, params, forward, ctx_dim) -> dict:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
-    cfg = PRESETS[args.preset]
-    x = torch.randn(args.batch, 4, *cfg.latent_size(args.res, args.res), device=dev)
-    ctx = torch.randn(args.batch, 77, ctx_dim, device=dev)
+    x, t, ctx, extra_ours, extra_theirs = unet_inputs(cfg, args.batch, cfg.latent_size(args.res, args.res), dev)
+    extra = (extra_ours, extra_theirs)
     target = torch.randn_like(x)
     cond = torch.rand(args.batch, 3, *cfg.condition_size(args.res, args.res), device=dev)
-    t = torch.full((args.batch,), 500, device=dev)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -299,7 +375,7 @@ def _timed_training(args, dev, params, forward, ctx_dim) -> dict:
     times, fwd_times = [], []
     for i in range(args.steps + 1):  # the first step is a warm-up (and allocates the optimiser state)
         start = time.perf_counter()
-        loss = F.mse_loss(forward(x, t, ctx, cond), target)
+        loss = F.mse_loss(forward(x, t, ctx, cond, extra), target)
         sync()
         fwd = time.perf_counter() - start
         loss.backward()
@@ -313,7 +389,7 @@ def _timed_training(args, dev, params, forward, ctx_dim) -> dict:
     with torch.no_grad():
         for _ in range(args.steps):
             start = time.perf_counter()
-            forward(x, t, ctx, cond)
+            forward(x, t, ctx, cond, extra)
             sync()
             forward_times.append(time.perf_counter() - start)
     peak = (
@@ -340,12 +416,9 @@ def train_one_diffusers(args, dev) -> dict:
     weights built directly (nothing else allocated first, so the memory baseline is clean)."""
 
     from diffusers import UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as su
 
     cfg = PRESETS[args.preset]
-    with torch.device("meta"):
-        keys = {"model.diffusion_model." + k: v for k, v in UNetModel(cfg.unet).state_dict().items()}
-    unet = UNet2DConditionModel(**su.create_unet_diffusers_config_from_ldm(to_compvis_yaml(cfg), keys)).to(dev)
+    unet = UNet2DConditionModel(**diffusers_unet_config(cfg)).to(dev)
     controlnet = None
     if args.method == "lora_peft":
         from peft import LoraConfig
@@ -360,13 +433,15 @@ def train_one_diffusers(args, dev) -> dict:
         params = list(controlnet.parameters())
     unet.requires_grad_(False)
 
-    def forward(x, t, ctx, cond):
+    def forward(x, t, ctx, cond, extra):
         if controlnet is None:
-            return unet(x, t, ctx).sample
-        down, mid = controlnet(x, t, ctx, controlnet_cond=cond, return_dict=False)
-        return unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+            return unet(x, t, ctx, **extra[1]).sample
+        down, mid = controlnet(x, t, ctx, controlnet_cond=cond, return_dict=False, **extra[1])
+        return unet(
+            x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid, **extra[1]
+        ).sample
 
-    return _timed_training(args, dev, params, forward, cfg.unet.context_dim)
+    return _timed_training(args, dev, params, forward, cfg)
 
 
 def bench_train(args) -> dict:
@@ -424,6 +499,9 @@ def bench_train(args) -> dict:
 
 def bench_step(args) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    if PRESETS[args.preset].family == "sdxl":
+        raise SystemExit("bench.py step compares with diffusers' SD pipeline: use an SD1/SD2 preset")
 
     from ldm_sce.diffusion import make_schedule
     from ldm_sce.sampling import batch_noise, sample
@@ -564,6 +642,11 @@ def main() -> None:
         return p
 
     add("unet", "UNet forward: ldm_sce vs diffusers on the same random weights", runs=5)
+    sub.choices["unet"].add_argument(
+        "--separate", action="store_true", help="each model in its own process (own random weights; no parity check)"
+    )
+    add("unet-one", "one implementation's UNet forward times (used by unet --separate)", runs=2)
+    sub.choices["unet-one"].add_argument("--impl", choices=("ldm_sce", "diffusers"), required=True)
     add("infer", "UNet forward without / with SC-Tuners and CSC-Tuner controllers", runs=3)
     sub.choices["infer"].add_argument("--peers", action="store_true", help="also diffusers' UNet and UNet + ControlNet")
     add("step", "seconds per DDIM+CFG sampling step: ldm_sce.sample vs diffusers' pipeline", runs=2, batch=None)
@@ -581,6 +664,9 @@ def main() -> None:
 
     if args.cmd == "train-one":
         print(json.dumps(train_one(args)))
+        return
+    if args.cmd == "unet-one":
+        print(json.dumps(unet_one(args)))
         return
     result = {"unet": bench_unet, "infer": bench_infer, "step": bench_step, "train": bench_train}[args.cmd](args)
     if args.cmd == "train":
@@ -614,7 +700,8 @@ def main() -> None:
         print(f"  hints, once per image: {result['hint_seconds_once_per_image']}")
     else:
         ratio, diff = result["ratio_ldm_sce_over_diffusers"], result["max_abs_diff"]
-        print(f"  ratio ldm_sce / diffusers = {ratio:.3f}   max|diff| = {diff:.2e}")
+        parity = "separate processes, own weights" if diff is None else f"max|diff| = {diff:.2e}"
+        print(f"  ratio ldm_sce / diffusers = {ratio:.3f}   {parity}")
         if getattr(args, "scedit", False):
             print(
                 "  vs own base: " + ", ".join(f"{k} {100 * v:+.1f}%" for k, v in result["overhead_vs_own_base"].items())
