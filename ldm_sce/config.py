@@ -457,7 +457,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 def config_from_dict(data: dict[str, Any], where: str = "config") -> ModelConfig:
     """Our own layout (see `configs/*.yaml`), or an original CompVis/Stability inference config."""
     if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict) and "target" in data["model"]:
-        if data["model"]["target"] in _SGM_ENGINE:
+        if isinstance(data["model"]["target"], str) and data["model"]["target"] in _SGM_ENGINE:
             return _from_sgm(data, where)
         return _from_compvis(data, where)
     if isinstance(data, dict) and "preset" in data:

@@ -125,6 +125,8 @@ class LatentDiffusion(nn.Module):
         {"crossattn": [B, 77, 2048], "vector": [B, 2816]} with the micro-conditioning original_size (h, w),
         crop_coords (top, left) and target_size (h, w) (defaults: the native size, (0, 0), the native size)."""
         if self.cfg.text2 is None:
+            if (original_size, crop_coords, target_size) != (None, None, None):
+                raise ValueError(f"original_size, crop_coords and target_size are SDXL's; this is {self.cfg.family}")
             return self.cond_stage_model.encode(list(prompts))
         native = (self.cfg.native_size, self.cfg.native_size)
         sizes = [*(original_size or native), *(crop_coords or (0, 0)), *(target_size or native)]

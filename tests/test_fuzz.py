@@ -245,12 +245,18 @@ def _edited(base: dict, edits: list[tuple[int, object]], deletes: list[int]) -> 
     return out
 
 
-VALID_MODEL_CONFIGS = [to_compvis_yaml(PRESETS["sd-v2-v"]), PRESETS["tiny-sd1"].to_dict(), {"preset": "sd-v1"}]
+VALID_MODEL_CONFIGS = [
+    to_compvis_yaml(PRESETS["sd-v2-v"]),
+    PRESETS["tiny-sd1"].to_dict(),
+    {"preset": "sd-v1"},
+    to_compvis_yaml(PRESETS["sdxl-base"]),  # sgm's layout
+    PRESETS["tiny-sdxl"].to_dict(),
+]
 
 
 @FUZZ
 @given(
-    which=st.integers(0, 2),
+    which=st.integers(0, 4),
     edits=st.lists(st.tuples(st.integers(0, 999), JSON), max_size=4),
     deletes=st.lists(st.integers(0, 999), max_size=2),
 )

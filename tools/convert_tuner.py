@@ -39,7 +39,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=Path, help="official file or folder")
     p.add_argument("out", type=Path, help="output .safetensors")
-    p.add_argument("--base", choices=("sd1", "sd2"), help="the base model family it was trained on")
+    p.add_argument("--base", choices=("sd1", "sd2", "sdxl"), help="the base model family it was trained on")
     p.add_argument("--condition", choices=CONDITIONS, help="controller condition type (canny, color, ...)")
     args = p.parse_args()
     try:
