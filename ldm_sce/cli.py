@@ -24,6 +24,7 @@ from .images import ImageError, NonFiniteError, free_path, load_image, save_png
 from .sampling import SAMPLERS, SPACINGS
 from .tuner_files import load_tuner
 from .tuners import Control, Tuning
+from .unet import COMPILE_MODES, compile_unet
 
 # The embedded default: the toy shapes model this project trains itself (docs/RESULTS.md), 64x64 images.
 DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "weights" / "toy-shapes.safetensors"
@@ -61,6 +62,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--spacing", choices=SPACINGS, help="timesteps: compvis (SD1/SD2's default) or trailing (sgm's, SDXL's)"
+    )
+    p.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="none",
+        help="torch.compile the UNet: blocks (regional: its ResBlocks and transformer blocks) or full",
     )
     p.add_argument(
         "--vae-precision",
@@ -205,7 +212,9 @@ def check_device(device: str) -> None:
 
 
 def load(args: argparse.Namespace) -> LatentDiffusion:
-    return load_model(args.ckpt, config=args.config, parameterization=args.parameterization, device=args.device)
+    model = load_model(args.ckpt, config=args.config, parameterization=args.parameterization, device=args.device)
+    compile_unet(model.model.diffusion_model, args.compile)
+    return model
 
 
 def conditioning(model: LatentDiffusion, args: argparse.Namespace, prompts: list[str], height: int, width: int):

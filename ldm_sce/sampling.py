@@ -107,9 +107,11 @@ def cfg_denoiser(
     tuning = tuning or Tuning()
     batch_tuning = tuning.repeat(2) if guided else tuning
     both = cat_cond([uncond, cond]) if guided else None
+    # reading t (on the device) is a host sync: only a control limited to part of sampling needs it
+    timed = tuning.control is not None and tuple(tuning.control_range) != (0.0, 1.0)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        now = batch_tuning.at(1.0 - float(t.max()) / len(ac))
+        now = batch_tuning.at(1.0 - float(t.max()) / len(ac)) if timed else batch_tuning
         if not guided:
             out = model.apply_model(x, t, cond, now)
         else:

@@ -65,6 +65,7 @@ class TrainConfig:
     validation: ValidationSection = field(default_factory=ValidationSection)
     precision: str = "fp32"  # fp32 | bf16 | fp16
     gradient_checkpointing: bool = False  # recompute decoder blocks in backward (less memory, more time)
+    compile: str = "none"  # torch.compile the UNet: none | blocks (its ResBlocks and transformer blocks) | full
     # offset noise (kohya's and diffusers' --noise_offset): add offset * N(0, 1) per image and channel to the
     # noise, so the model cannot read the image's mean colour from the noise's at high t (0.1 is usual)
     noise_offset: float = 0.0
@@ -82,6 +83,7 @@ class TrainConfig:
         errors = [
             *METHODS[self.method.name].check(self.method, d.condition_dir),
             _choice("precision", self.precision, ("fp32", "bf16", "fp16")),
+            _choice("compile", self.compile, ("none", "blocks", "full")),
             _choice("optim.lr_schedule", o.lr_schedule, ("constant", "cosine")),
             "" if self.model.ckpt else "model.ckpt is required (the base checkpoint)",
             "" if d.path else "data.path is required",

@@ -43,6 +43,7 @@ from .diffusion import Cond, LatentDiffusion
 from .images import ImageError, load_image
 from .methods import Method, build_method
 from .train_config import OptimSection, TrainConfig, config_changes, load_train_config
+from .unet import compile_unet
 
 __all__ = ["OptimSection", "TrainConfig", "Trainer", "TrainingError", "load_train_config", "lr_factor"]
 
@@ -107,6 +108,7 @@ class Trainer:
         self.method = build_method(cfg.method)
         self.params = self.method.attach(unet)
         unet.checkpoint_decoder = cfg.gradient_checkpointing
+        compile_unet(unet, cfg.compile)
         self._posteriors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # data.cache: item -> (mean, std)
         self._texts: dict[str, torch.Tensor] = {}  # data.cache: caption -> features
         self.step_module = TrainStep(self.model, self.method)

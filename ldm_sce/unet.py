@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import SpatialTransformer
+from .attention import BasicTransformerBlock, SpatialTransformer
 from .config import UNetConfig
 from .layers import Conv2d, recompute_frozen
 from .tuners import Control, CSCTuner, SCTuner, SkipIdentity, Tuning
@@ -268,3 +268,23 @@ class UNetModel(nn.Module):
             # non-reentrant checkpointing: correct with frozen weights and trainable inputs
             return checkpoint(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
+
+
+COMPILE_MODES = ("none", "blocks", "full")
+
+
+def compile_unet(unet: UNetModel, mode: str = "blocks", **options) -> UNetModel:
+    """torch.compile the UNet in place. 'blocks' (regional compilation, as diffusers'
+    `compile_repeated_blocks`): every ResBlock and transformer block is compiled on its own, so the decoder
+    loop, the tuners and the controllers stay eager, and the tuner-free and tuned UNet share the compiled
+    code (attaching or replacing tuners recompiles nothing). 'full': the whole forward (one graph per
+    tuning layout). `options` go to torch.compile (e.g. mode='max-autotune'). Returns the UNet."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "full":
+        unet.compile(**options)
+    elif mode == "blocks":
+        for module in unet.modules():
+            if isinstance(module, (ResBlock, BasicTransformerBlock)):
+                module.compile(**options)
+    return unet
