@@ -10,7 +10,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -62,6 +62,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--spacing", choices=SPACINGS, help="timesteps: compvis (SD1/SD2's default) or trailing (sgm's, SDXL's)"
+    )
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the text encoders and the VAE on the CPU, each moved to the device only while it runs",
     )
     p.add_argument(
         "--compile",
@@ -212,15 +217,49 @@ def check_device(device: str) -> None:
 
 
 def load(args: argparse.Namespace) -> LatentDiffusion:
-    model = load_model(args.ckpt, config=args.config, parameterization=args.parameterization, device=args.device)
+    """The checkpoint on --device (with --offload only the UNet; the rest waits on the CPU), compiled if asked."""
+    model = load_model(
+        args.ckpt,
+        config=args.config,
+        parameterization=args.parameterization,
+        device=None if args.offload else args.device,
+    )
+    if args.offload:
+        model.model.to(args.device)
     compile_unet(model.model.diffusion_model, args.compile)
     return model
+
+
+@contextmanager
+def on_device(module: torch.nn.Module, args: argparse.Namespace):
+    """With --offload: `module` on --device while the block runs, then back on the CPU."""
+    if not args.offload:
+        yield module
+        return
+    module.to(args.device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+
+
+def _to_device(c, device):
+    if c is None:
+        return None
+    return {k: v.to(device) for k, v in c.items()} if isinstance(c, dict) else c.to(device)
 
 
 def conditioning(model: LatentDiffusion, args: argparse.Namespace, prompts: list[str], height: int, width: int):
     """(c, uc) for a batch of prompts: the context, or for SDXL the dict with the micro-conditioning of the
     --original-size / --crop-coords / --target-size flags (default: diffusers' (H, W), (0, 0), (H, W)).
     uc: the negative prompt's (SDXL with none: sgm's zeros), None without guidance."""
+    text = model.conditioner if model.cfg.family == "sdxl" else model.cond_stage_model
+    with on_device(text, args):
+        c, uc = _conditioning(model, args, prompts, height, width)
+    return _to_device(c, args.device), _to_device(uc, args.device)
+
+
+def _conditioning(model: LatentDiffusion, args: argparse.Namespace, prompts: list[str], height: int, width: int):
     sizes = {"original_size": args.original_size, "crop_coords": args.crop_coords, "target_size": args.target_size}
     if model.cfg.family != "sdxl":
         given = [f"--{k.replace('_', '-')}" for k, v in sizes.items() if v is not None]
@@ -247,8 +286,8 @@ def vae_context(model: LatentDiffusion, args: argparse.Namespace):
 
 
 def decode(model: LatentDiffusion, z: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
-    with vae_context(model, args):
-        return model.decode_first_stage(z.to(next(model.first_stage_model.parameters()).dtype))
+    with on_device(model.first_stage_model, args) as vae, vae_context(model, args):
+        return model.decode_first_stage(z.to(next(vae.parameters()).dtype))
 
 
 def spacing(model: LatentDiffusion, args: argparse.Namespace) -> str:

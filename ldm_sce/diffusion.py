@@ -112,6 +112,16 @@ class LatentDiffusion(nn.Module):
         for name, value in make_schedule(cfg.linear_start, cfg.linear_end, cfg.timesteps).items():
             self.register_buffer(name, value, persistent=cfg.text2 is None)
 
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's (which .to(dtype), .half() and .bfloat16() go through), but the noise schedule stays
+        float32: a half-precision copy rounds alphas_cumprod near t = 0 to 1, which breaks sampling."""
+        super()._apply(fn, recurse)
+        if any(getattr(self, name).dtype != torch.float32 for name in SCHEDULE_BUFFERS):
+            cfg = self.cfg
+            for name, value in make_schedule(cfg.linear_start, cfg.linear_end, cfg.timesteps).items():
+                self.register_buffer(name, value.to(getattr(self, name).device), persistent=cfg.text2 is None)
+        return self
+
     # -- conditioning ----------------------------------------------------------------------------------
     @torch.no_grad()
     def get_learned_conditioning(

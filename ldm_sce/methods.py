@@ -94,7 +94,7 @@ class SCMethod(Method):
         return [] if cfg.op in ("linear", "conv") else [f"method.op must be linear or conv, got {cfg.op!r}"]
 
     def attach(self, unet: UNetModel) -> list[nn.Parameter]:
-        tuners = unet.attach_sc_tuners(self.cfg.down_ratio, self.cfg.skips, self.cfg.op)
+        tuners = unet.attach_sc_tuners(self.cfg.down_ratio, self.cfg.skips, self.cfg.op, dtype=torch.float32)
         return _train([p for t in tuners for p in t.parameters()])
 
     def export(self, model: LatentDiffusion, out_dir: Path, summary: dict) -> Path:
@@ -222,7 +222,7 @@ def add_lora(unet: nn.Module, rank: int) -> list[nn.Parameter]:
         targets += [block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[0].proj, block.ff.net[2]]
         for linear in targets:
             w = linear.weight
-            lora = LoRAWeight(w.shape[0], w.shape[1], rank).to(w.device, w.dtype)
+            lora = LoRAWeight(w.shape[0], w.shape[1], rank).to(w.device)  # fp32, whatever the base's dtype
             parametrize.register_parametrization(linear, "weight", lora)
             params += [lora.lora_A, lora.lora_B]
     return params

@@ -21,6 +21,9 @@ class ModelSection:
     ckpt: str = ""
     config: str | None = None  # preset or YAML; None: detected from the checkpoint
     parameterization: str | None = None
+    # the frozen UNet and text encoders in fp16/bf16 to save memory (needs precision fp16/bf16); what trains
+    # and the VAE stay fp32 (not for method full, which trains the UNet)
+    dtype: str = "fp32"
 
 
 @dataclass
@@ -84,6 +87,13 @@ class TrainConfig:
             *METHODS[self.method.name].check(self.method, d.condition_dir),
             _choice("precision", self.precision, ("fp32", "bf16", "fp16")),
             _choice("compile", self.compile, ("none", "blocks", "full")),
+            _choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16")),
+            "model.dtype fp16/bf16 needs precision fp16 or bf16 (autocast)"
+            if self.model.dtype != "fp32" and self.precision == "fp32"
+            else "",
+            "model.dtype fp16/bf16 is for frozen bases: method full trains the UNet in fp32"
+            if self.model.dtype != "fp32" and self.method.name == "full"
+            else "",
             _choice("optim.lr_schedule", o.lr_schedule, ("constant", "cosine")),
             "" if self.model.ckpt else "model.ckpt is required (the base checkpoint)",
             "" if d.path else "data.path is required",

@@ -100,7 +100,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         # -- model and trainable parameters (methods.py) --
-        self.model = load_model(cfg.model.ckpt, cfg.model.config, cfg.model.parameterization, device=self.device)
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.model.dtype]
+        self.model = load_model(
+            cfg.model.ckpt, cfg.model.config, cfg.model.parameterization, dtype=dtype, device=self.device
+        )
+        self.model.first_stage_model.float()  # the VAE encodes in fp32 (SDXL's overflows in fp16)
         multiple = self.model.cfg.image_multiple
         if cfg.data.resolution % multiple:
             raise ConfigError(f"data.resolution {cfg.data.resolution}: this model takes multiples of {multiple}")

@@ -176,15 +176,20 @@ class UNetModel(nn.Module):
     # -- SCEdit tuners and controllers ------------------------------------------------------------------
 
     def attach_sc_tuners(
-        self, down_ratio: float = 1.0, skips: Iterable[int] | None = None, op: str = "linear"
+        self,
+        down_ratio: float = 1.0,
+        skips: Iterable[int] | None = None,
+        op: str = "linear",
+        dtype: torch.dtype | None = None,
     ) -> list[SCTuner]:
-        """Put fresh (identity) SC-Tuners on the given skips (decoder order; default all); returns them."""
+        """Put fresh (identity) SC-Tuners on the given skips (decoder order; default all); returns them. dtype:
+        of their weights (default the UNet's; training keeps them fp32 on a half-precision base)."""
         skips = list(range(len(self.output_blocks)) if skips is None else skips)
         if any(not 0 <= m < len(self.output_blocks) for m in skips):
             raise ValueError(f"skip indices {skips} out of range: this UNet has {len(self.output_blocks)} skips")
         p = next(self.parameters())
         for m in skips:
-            self.tuners[m] = SCTuner(self.cfg.skip_channels[m], down_ratio, op).to(p.device, p.dtype)
+            self.tuners[m] = SCTuner(self.cfg.skip_channels[m], down_ratio, op).to(p.device, dtype or p.dtype)
         return [self.tuners[m] for m in skips]
 
     def attach_controller(self, controller: CSCTuner) -> CSCTuner:

@@ -93,3 +93,26 @@ def test_compiled_unet_equals_eager(mode):
         assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
     diff = torch.cat([(a - b).flatten() for a, b in zip(g_compiled, g_eager, strict=True)]).norm()
     assert (diff / torch.cat([b.flatten() for b in g_eager]).norm()).item() < 1e-4
+
+
+def test_offload_gives_the_same_image(tmp_path):
+    """--offload (the text encoders and the VAE wait on the CPU, moved to the device only to run) changes where
+    modules live, not what they compute: on the CPU the same PNG pixels come out."""
+    import importlib.util
+
+    import numpy as np
+    from PIL import Image
+
+    root = DEFAULT_CKPT.parents[1]
+    spec = importlib.util.spec_from_file_location("txt2img", root / "tools" / "txt2img.py")
+    txt2img = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(txt2img)
+    images = []
+    for flags in ([], ["--offload"]):
+        out = tmp_path / ("off" if flags else "on")
+        args = txt2img.parser().parse_args(
+            ["--prompt", "a blue square", "--ddim_steps", "5", "--outdir", str(out), "--quiet", "--skip_grid", *flags]
+        )
+        txt2img.main(args)
+        images.append(np.asarray(Image.open(out / "samples" / "00000.png")))
+    assert np.array_equal(images[0], images[1])

@@ -770,3 +770,14 @@ def test_a_view_larger_than_its_storage_is_refused(tmp_path):
     path = _zip_with_pickle(tmp_path / "bomb.ckpt", payload, {"0": np.zeros(4, np.float32).tobytes()})
     with pytest.raises(CheckpointError, match="does not fit its storage"):
         load_model(path, config="tiny-sd1")
+
+
+def test_the_schedule_stays_float32_when_the_model_is_cast():
+    from ldm_sce import LatentDiffusion
+    from ldm_sce.diffusion import make_schedule
+
+    model = LatentDiffusion(PRESETS["tiny-sd1"]).to(torch.bfloat16)
+    assert model.model.diffusion_model.out[2].weight.dtype == torch.bfloat16
+    assert model.alphas_cumprod.dtype == torch.float32
+    assert torch.equal(model.alphas_cumprod, make_schedule(0.00085, 0.012, 1000)["alphas_cumprod"])
+    assert model.half().alphas_cumprod[:4].tolist() != [1.0, 1.0, 0.99609375, 0.99609375]  # as bf16 rounds them

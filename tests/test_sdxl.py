@@ -520,10 +520,16 @@ def test_sc_training_on_sdxl_conditions_on_each_images_size_and_crop(sdxl, tmp_p
         (data / f"{i}.txt").write_text(f"a picture number {i}")
     config_path = tmp_path / "model.yaml"
     config_path.write_text(yaml.safe_dump(cfg.to_dict()))
-    train = {"model": {"ckpt": str(path), "config": str(config_path)}, "method": {"name": "sc"},
-             "data": {"path": str(data), "resolution": 16, "caption_dropout": 0.5},
-             "optim": {"lr": 1e-3, "batch_size": 4, "max_steps": 2}, "output_dir": str(tmp_path / "out"),
-             "log_every": 1, "save_every": 0, "validation": {"prompts": ["a picture"], "steps": 2}}  # fmt: skip
+    train = {
+        "model": {"ckpt": str(path), "config": str(config_path)},
+        "method": {"name": "sc"},
+        "data": {"path": str(data), "resolution": 16, "caption_dropout": 0.5},
+        "optim": {"lr": 1e-3, "batch_size": 4, "max_steps": 2},
+        "output_dir": str(tmp_path / "out"),
+        "log_every": 1,
+        "save_every": 0,
+        "validation": {"prompts": ["a picture"], "steps": 2},
+    }
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(train))
     trainer = Trainer(load_train_config(tmp_path / "train.yaml"))
     batch = trainer._prepare(0)
@@ -536,8 +542,8 @@ def test_sc_training_on_sdxl_conditions_on_each_images_size_and_crop(sdxl, tmp_p
     for row, i in enumerate(order):
         h, w, top, left = expected[i]
         caption = "" if dropped[row] else f"a picture number {i}"
-        ref = model.get_learned_conditioning([caption], original_size=(h, w), crop_coords=(top, left),
-                                             target_size=(16, 16))  # fmt: skip
+        size = {"original_size": (h, w), "crop_coords": (top, left), "target_size": (16, 16)}
+        ref = model.get_learned_conditioning([caption], **size)
         if dropped[row]:  # sgm's caption dropout: both text parts zero, the sizes kept
             ref = model.get_unconditional_conditioning(ref)
         torch.testing.assert_close(batch["c"]["vector"][row], ref["vector"][0], rtol=0, atol=1e-6)

@@ -53,6 +53,8 @@ from ldm_sce.config import PRESETS, ModelConfig, to_compvis_yaml  # noqa: E402
 from ldm_sce.diffusion import LatentDiffusion  # noqa: E402
 from ldm_sce.unet import UNetModel  # noqa: E402
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def machine() -> dict:
     return {
@@ -69,10 +71,18 @@ def alternate(runners: dict, rounds: int, per: int = 1) -> dict[str, list[float]
     times = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
+            sync()
             start = time.perf_counter()
             run()
+            sync()
             times[name].append((time.perf_counter() - start) / per)
     return times
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (CUDA runs asynchronously): timings end when the work does."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def randomize(module: torch.nn.Module) -> torch.nn.Module:
@@ -189,8 +199,11 @@ def bench_unet(args) -> dict:
     else:
         ours = randomize(UNetModel(cfg.unet)).eval().requires_grad_(False)
         runners = {impl: unet_runner(impl, cfg, ours, args) for impl in ("ldm_sce", "diffusers")}
+        compile_seconds = {}
         with torch.inference_mode():
             diff = (runners["ldm_sce"]() - runners["diffusers"]()).abs().max().item()  # warm-up and sanity
+            if args.compile != "none":  # the same models compiled, next to their eager runs
+                runners |= compiled_unet_runners(cfg, ours, args, compile_seconds)
             times = alternate(runners, args.runs)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     return {
@@ -206,7 +219,31 @@ def bench_unet(args) -> dict:
         "ratio_ldm_sce_over_diffusers": med["ldm_sce"] / med["diffusers"],
         "max_abs_diff": diff,
         "separate_processes": args.separate,
+        "compile": args.compile,
+        "compile_seconds": {} if args.separate else compile_seconds,
     }
+
+
+def compiled_unet_runners(cfg: ModelConfig, ours: UNetModel, args, compile_seconds: dict) -> dict:
+    """Compiled copies of our UNet (`compile_unet`, the chosen mode) and of diffusers' (regional:
+    `compile_repeated_blocks`; full: `.compile()`), each run once to compile (the seconds are recorded)."""
+    import copy
+
+    from ldm_sce.unet import compile_unet
+
+    compiled = {"ldm_sce+compiled": unet_runner("ldm_sce", cfg, compile_unet(copy.deepcopy(ours), args.compile), args)}
+    theirs = diffusers_unet_from(ours, args.preset)
+    if args.compile == "blocks":
+        theirs.compile_repeated_blocks()
+    else:
+        theirs.compile()
+    x, t, ctx, _, extra = unet_inputs(cfg, args.batch, (args.latent, args.latent))
+    compiled["diffusers+compiled"] = lambda: theirs(x, t, ctx, **extra).sample
+    for name, run in compiled.items():
+        start = time.perf_counter()
+        run()
+        compile_seconds[name] = time.perf_counter() - start
+    return compiled
 
 
 def bench_infer(args) -> dict:
@@ -337,6 +374,10 @@ def train_one(args) -> dict:
     if args.method == "sc_hires":  # backward stops after the blocks of the full-resolution skips
         section.skips = [m for m, ds in enumerate(cfg.unet.skip_factors) if ds == 1]
     unet = randomize(UNetModel(cfg.unet)).to(dev).requires_grad_(False)
+    if args.frozen_dtype != "fp32":  # the frozen base in half precision; what trains stays fp32
+        if args.method == "full":
+            raise SystemExit("--frozen-dtype: method full trains the base itself")
+        unet.to(DTYPES[args.frozen_dtype])
     method = build_method(section)
     params = method.attach(unet)
     unet.checkpoint_decoder = args.grad_ckpt
@@ -357,6 +398,8 @@ def _timed_training(args, dev, params, forward, cfg: ModelConfig) -> dict:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    autocast = torch.autocast(dev.type, dtype=DTYPES[args.precision], enabled=args.precision != "fp32")
+    scaler = torch.amp.GradScaler(dev.type, enabled=args.precision == "fp16")
     x, t, ctx, extra_ours, extra_theirs = unet_inputs(cfg, args.batch, cfg.latent_size(args.res, args.res), dev)
     extra = (extra_ours, extra_theirs)
     target = torch.randn_like(x)
@@ -368,25 +411,23 @@ def _timed_training(args, dev, params, forward, cfg: ModelConfig) -> dict:
     else:
         loaded = _rss_mb()
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
     times, fwd_times = [], []
     for i in range(args.steps + 1):  # the first step is a warm-up (and allocates the optimiser state)
         start = time.perf_counter()
-        loss = F.mse_loss(forward(x, t, ctx, cond, extra), target)
+        with autocast:
+            loss = F.mse_loss(forward(x, t, ctx, cond, extra).float(), target)
         sync()
         fwd = time.perf_counter() - start
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         sync()
         if i:
             times.append(time.perf_counter() - start)
             fwd_times.append(fwd)
     forward_times = []  # the forward alone, no autograd: the floor of any method's step
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         for _ in range(args.steps):
             start = time.perf_counter()
             forward(x, t, ctx, cond, extra)
@@ -399,6 +440,9 @@ def _timed_training(args, dev, params, forward, cfg: ModelConfig) -> dict:
     )
     return {
         "method": args.method,
+        "batch": args.batch,
+        "precision": args.precision,
+        "frozen_dtype": args.frozen_dtype,
         "trainable_params": sum(p.numel() for p in params),
         "loaded_mb": loaded,
         "peak_mb": peak,
@@ -418,7 +462,7 @@ def train_one_diffusers(args, dev) -> dict:
     from diffusers import UNet2DConditionModel
 
     cfg = PRESETS[args.preset]
-    unet = UNet2DConditionModel(**diffusers_unet_config(cfg)).to(dev)
+    unet = UNet2DConditionModel(**diffusers_unet_config(cfg)).to(dev, DTYPES[args.frozen_dtype])
     controlnet = None
     if args.method == "lora_peft":
         from peft import LoraConfig
@@ -426,10 +470,12 @@ def train_one_diffusers(args, dev) -> dict:
         targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
         unet.add_adapter(LoraConfig(r=64, lora_alpha=64, init_lora_weights="gaussian", target_modules=targets))
         params = [p for n, p in unet.named_parameters() if "lora" in n]
+        for p in params:  # trainable weights in fp32 (diffusers' training scripts: cast_training_params)
+            p.data = p.data.float()
     else:
         from diffusers import ControlNetModel
 
-        controlnet = ControlNetModel.from_unet(unet).to(dev).train()
+        controlnet = ControlNetModel.from_unet(unet).to(dev, torch.float32).train()
         params = list(controlnet.parameters())
     unet.requires_grad_(False)
 
@@ -463,6 +509,10 @@ def bench_train(args) -> dict:
             str(args.batch),
             "--steps",
             str(args.steps),
+            "--precision",
+            args.precision,
+            "--frozen-dtype",
+            args.frozen_dtype,
         ] + (["--grad-ckpt"] if args.grad_ckpt else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
@@ -488,7 +538,7 @@ def bench_train(args) -> dict:
         "res": args.res,
         "batch": args.batch,
         "grad_ckpt": args.grad_ckpt,
-        "precision": "fp32",
+        "precision": args.precision,
         "optimizer": "AdamW",
         "attention": "SDPA",
         "machine": machine(),
@@ -497,26 +547,40 @@ def bench_train(args) -> dict:
     }
 
 
-def bench_step(args) -> dict:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-
-    if PRESETS[args.preset].family == "sdxl":
-        raise SystemExit("bench.py step compares with diffusers' SD pipeline: use an SD1/SD2 preset")
-
+def random_model(
+    preset: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LatentDiffusion:
+    """The full model of a preset with random weights (time does not depend on their values), the schedule
+    computed, built directly on `device`."""
     from ldm_sce.diffusion import make_schedule
-    from ldm_sce.sampling import batch_noise, sample
 
-    torch.manual_seed(0)
-    cfg = PRESETS[args.preset]
+    cfg = PRESETS[preset]
     with torch.device("meta"):
         model = LatentDiffusion(cfg)
-    model.to_empty(device="cpu")  # random weights are enough: time does not depend on their values
+    model.to_empty(device=device)
     for p in model.parameters():
         p.data.normal_(0, 0.02)
     for name, value in make_schedule(cfg.linear_start, cfg.linear_end, cfg.timesteps).items():
-        getattr(model, name).copy_(value)
-    model.eval().requires_grad_(False)
-    unet = diffusers_unet_from(model.model.diffusion_model, args.preset)
+        model.register_buffer(name, value.to(device), persistent=cfg.text2 is None)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def sd_step_runners(preset: str, latent: int, steps: int, scedit: bool, device="cpu", dtype=torch.float32):
+    """({name: one image's sampling}, max |ours - diffusers|): `ldm_sce.sample` (DDIM, CFG 7.5) and diffusers'
+    StableDiffusionPipeline denoising loop on the same UNet weights, given the same text embeddings and
+    latents, output_type='latent' (no VAE decode); with `scedit` also SC-Tuners + a CSC-Tuner and diffusers'
+    ControlNet pipeline."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    from ldm_sce.sampling import batch_noise, sample
+
+    torch.manual_seed(0)
+    cfg = PRESETS[preset]
+    if cfg.family == "sdxl":
+        raise SystemExit("this compares with diffusers' SD pipeline: use an SD1/SD2 preset (SDXL: sdxl_runners)")
+    model = random_model(preset, device, dtype)
+    unet = diffusers_unet_from(model.model.diffusion_model.float(), preset).to(device, dtype)
+    model.to(dtype)
     sched = DDIMScheduler(
         beta_start=cfg.linear_start,
         beta_end=cfg.linear_end,
@@ -536,31 +600,99 @@ def bench_step(args) -> dict:
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    c = torch.randn(1, 77, cfg.unet.context_dim)
-    uc = torch.randn(1, 77, cfg.unet.context_dim)
-    x_t = batch_noise((1, 4, args.latent, args.latent), [0])
+    g = torch.Generator().manual_seed(1)
+    c, uc = (torch.randn(1, 77, cfg.unet.context_dim, generator=g).to(device, dtype) for _ in range(2))
+    x_t = batch_noise((1, 4, latent, latent), [0], dtype, device)
     runners = {
-        "ldm_sce": lambda: sample(model, c, uc, x_T=x_t, steps=args.steps, seed=0),
+        "ldm_sce": lambda: sample(model, c, uc, x_T=x_t, steps=steps, seed=0),
         "diffusers": lambda: (
             pipe(
                 prompt_embeds=c,
                 negative_prompt_embeds=uc,
                 latents=x_t.clone(),
-                num_inference_steps=args.steps,
+                num_inference_steps=steps,
                 guidance_scale=7.5,
                 output_type="latent",
-                height=args.latent * 8,
-                width=args.latent * 8,
+                height=latent * 8,
+                width=latent * 8,
             ).images
         ),
     }
     with torch.inference_mode():
-        diff = (runners["ldm_sce"]() - runners["diffusers"]()).abs().max().item()  # warm-up and sanity
-    if args.scedit:
-        runners |= scedit_step_runners(args, model, pipe, c, uc, x_t)
-        with torch.inference_mode():
-            for name in runners.keys() - {"ldm_sce", "diffusers"}:
-                runners[name]()  # warm-up
+        diff = (runners["ldm_sce"]().float() - runners["diffusers"]().float()).abs().max().item()
+    if scedit:
+        runners |= scedit_step_runners(model, pipe, c, uc, x_t, steps, latent)
+    with torch.inference_mode():
+        for run in runners.values():
+            run()  # warm-up
+    return runners, diff
+
+
+def sdxl_runners(preset: str, latent: int, steps: int, device="cpu", dtype=torch.float32):
+    """({name: one image's sampling}, max |ours - diffusers|): `ldm_sce.sample` (Euler, sgm's trailing
+    schedule, CFG 5) and diffusers' StableDiffusionXLPipeline (EulerDiscreteScheduler, trailing) on the same
+    UNet weights, given the same embeddings and latents, output_type='latent'."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from ldm_sce.sampling import batch_noise, sample
+
+    torch.manual_seed(0)
+    cfg = PRESETS[preset]
+    model = random_model(preset, device, dtype)
+    unet = diffusers_unet_from(model.model.diffusion_model.float(), preset).to(device, dtype)
+    model.to(dtype)
+    sched = EulerDiscreteScheduler(
+        beta_start=cfg.linear_start, beta_end=cfg.linear_end, beta_schedule="scaled_linear", timestep_spacing="trailing"
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(),
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=unet,
+        scheduler=sched,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    side = latent * cfg.vae.downsample_factor
+    g = torch.Generator().manual_seed(1)
+    ctx = torch.randn(1, 77, cfg.unet.context_dim, generator=g).to(device, dtype)
+    pooled = torch.randn(1, cfg.text2.embed_dim, generator=g).to(device, dtype)
+    c = {"crossattn": ctx, "vector": None}
+    sizes = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32)
+    from ldm_sce.text_encoders import Conditioner
+
+    c["vector"] = Conditioner.vector(pooled, sizes).to(device, dtype)
+    uc = model.get_unconditional_conditioning(c)
+    x_t = batch_noise((1, 4, latent, latent), [0], dtype, device)
+    sigma_max = float(((1 - model.alphas_cumprod[-1]) / model.alphas_cumprod[-1]).sqrt())
+    runners = {
+        "ldm_sce": lambda: sample(model, c, uc, x_T=x_t, sampler="euler", steps=steps, scale=5.0, seed=0),
+        # the same start as sgm's (x_T sqrt(1 + sigma_max^2)); diffusers' trailing Euler would use sigma_max
+        "diffusers": lambda: (
+            pipe(
+                prompt_embeds=ctx,
+                negative_prompt_embeds=torch.zeros_like(ctx),
+                pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=torch.zeros_like(pooled),
+                latents=x_t * (1 + sigma_max**2) ** 0.5 / sched.init_noise_sigma,
+                num_inference_steps=steps,
+                guidance_scale=5.0,
+                output_type="latent",
+                height=side,
+                width=side,
+            ).images
+        ),
+    }
+    with torch.inference_mode():
+        diff = (runners["ldm_sce"]().float() - runners["diffusers"]().float()).abs().max().item()
+        for run in runners.values():
+            run()  # warm-up
+    return runners, diff
+
+
+def bench_step(args) -> dict:
+    runners, diff = sd_step_runners(args.preset, args.latent, args.steps, args.scedit)
     with torch.inference_mode():
         times = alternate(runners, args.runs, per=args.steps)
     med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -579,8 +711,8 @@ def bench_step(args) -> dict:
     }
 
 
-def scedit_step_runners(args, model: LatentDiffusion, pipe, c, uc, x_t) -> dict:
-    """Sampling with all 12 SC-Tuners and a CSC-Tuner controller (kernel 1; its hints computed inside the
+def scedit_step_runners(model: LatentDiffusion, pipe, c, uc, x_t, steps: int, latent: int) -> dict:
+    """Sampling with all SC-Tuners and a CSC-Tuner controller (kernel 1; its hints computed inside the
     timed call, once per image), and diffusers' ControlNet pipeline on the same UNet, both with random
     non-zero weights and a random condition image."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
@@ -589,22 +721,23 @@ def scedit_step_runners(args, model: LatentDiffusion, pipe, c, uc, x_t) -> dict:
     from ldm_sce.tuners import Control, CSCTuner, SkipIdentity, Tuning
 
     unet = model.model.diffusion_model
-    ctrl = CSCTuner(unet.cfg, kernel=1)
+    p = next(unet.parameters())
+    ctrl = CSCTuner(unet.cfg, kernel=1).to(p.device, p.dtype)
     tuned = unet.attach_sc_tuners()
     plain = [SkipIdentity() for _ in tuned]
-    for p in [*unet.tuners.parameters(), *ctrl.parameters()]:
-        p.data.normal_(0, 0.02)  # non-zero: nothing may be skipped
+    for q in [*unet.tuners.parameters(), *ctrl.parameters()]:
+        q.data.normal_(0, 0.02)  # non-zero: nothing may be skipped
     model.requires_grad_(False)
-    side = args.latent * 8
-    cond = torch.rand(1, 3, side, side)
+    side = latent * 8
+    cond = torch.rand(1, 3, side, side).to(p.device, p.dtype)
 
-    def ours(scedit: bool) -> torch.Tensor:
-        unet.replace_tuners(tuned if scedit else plain)
-        unet.replace_controllers([ctrl] if scedit else [])
-        tuning = Tuning(control=Control([ctrl.hints(cond)], [1.0])) if scedit else None
-        return sample(model, c, uc, x_T=x_t, steps=args.steps, seed=0, tuning=tuning)
+    def ours(sc: bool, csc: bool) -> torch.Tensor:
+        unet.replace_tuners(tuned if sc else plain)
+        unet.replace_controllers([ctrl] if csc else [])
+        tuning = Tuning(control=Control([ctrl.hints(cond)], [1.0])) if csc else None
+        return sample(model, c, uc, x_T=x_t, steps=steps, seed=0, tuning=tuning)
 
-    cnet = ControlNetModel.from_unet(pipe.unet).eval().requires_grad_(False)
+    cnet = ControlNetModel.from_unet(pipe.unet).to(p.device, p.dtype).eval().requires_grad_(False)
     cpipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=cnet)
     cpipe.set_progress_bar_config(disable=True)
 
@@ -614,14 +747,19 @@ def scedit_step_runners(args, model: LatentDiffusion, pipe, c, uc, x_t) -> dict:
             negative_prompt_embeds=uc,
             latents=x_t.clone(),
             image=cond,
-            num_inference_steps=args.steps,
+            num_inference_steps=steps,
             guidance_scale=7.5,
             output_type="latent",
             height=side,
             width=side,
         ).images
 
-    return {"ldm_sce": lambda: ours(False), "ldm_sce+sc+csc1": lambda: ours(True), "diffusers+controlnet": theirs}
+    return {
+        "ldm_sce": lambda: ours(False, False),
+        "ldm_sce+sc": lambda: ours(True, False),
+        "ldm_sce+sc+csc1": lambda: ours(True, True),
+        "diffusers+controlnet": theirs,
+    }
 
 
 def main() -> None:
@@ -645,6 +783,9 @@ def main() -> None:
     sub.choices["unet"].add_argument(
         "--separate", action="store_true", help="each model in its own process (own random weights; no parity check)"
     )
+    sub.choices["unet"].add_argument(
+        "--compile", choices=("none", "blocks", "full"), default="none", help="also both UNets torch.compile'd"
+    )
     add("unet-one", "one implementation's UNet forward times (used by unet --separate)", runs=2)
     sub.choices["unet-one"].add_argument("--impl", choices=("ldm_sce", "diffusers"), required=True)
     add("infer", "UNet forward without / with SC-Tuners and CSC-Tuner controllers", runs=3)
@@ -659,7 +800,15 @@ def main() -> None:
             name, "training step memory and time per method (timed steps after one warm-up)", 2, 1, "res", "--steps"
         )
         p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of the decoder blocks")
+        p.add_argument("--precision", choices=sorted(DTYPES), default="fp32", help="autocast (fp16: a grad scaler)")
+        p.add_argument("--frozen-dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the frozen base")
         p.add_argument("--methods" if name == "train" else "--method", default="sc,lora,full,csc1,csc3")
+    import bench_gpu
+
+    bench_gpu.add_arguments(sub.add_parser("gpu", help="the GPU benchmark in one command (--tiny: a CPU dry run)"))
+    one = sub.add_parser("gpu-one", help="one job of `gpu` (used by it)")
+    one.add_argument("--job", choices=bench_gpu.JOBS, required=True)
+    one.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
 
     if args.cmd == "train-one":
@@ -668,10 +817,18 @@ def main() -> None:
     if args.cmd == "unet-one":
         print(json.dumps(unet_one(args)))
         return
+    if args.cmd in ("gpu", "gpu-one"):
+        import bench_gpu
+
+        if args.cmd == "gpu-one":
+            print(json.dumps(bench_gpu.run_job(args.job, args.tiny)))
+        else:
+            bench_gpu.main(args)
+        return
     result = {"unet": bench_unet, "infer": bench_infer, "step": bench_step, "train": bench_train}[args.cmd](args)
     if args.cmd == "train":
         print(
-            f"train step {args.preset} {args.res}px B={args.batch} fp32 AdamW, grad_ckpt={args.grad_ckpt}, {result['machine']}"
+            f"train step {args.preset} {args.res}px B={args.batch} {args.precision} AdamW, grad_ckpt={args.grad_ckpt}, {result['machine']}"
         )
         for r in result["rows"]:
             if "error" in r:

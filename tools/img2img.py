@@ -61,7 +61,7 @@ def main(args: argparse.Namespace) -> None:
     images = []
     with torch.no_grad(), cli.precision_context(args):
         x0_img = image_to_tensor(init).to(p.device, p.dtype)
-        with cli.vae_context(model, args):
+        with cli.on_device(model.first_stage_model, args), cli.vae_context(model, args):
             posterior = model.encode_first_stage(x0_img)
         for batch in cli.batches(prompts, args.n_samples, args.n_iter):
             n = len(batch)
