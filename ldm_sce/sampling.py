@@ -1,10 +1,10 @@
 """Samplers as plain functions over a denoiser, and classifier-free guidance as a small wrapper.
 
 A `Denoiser` is the model as every sampler sees it, wrapped once: `denoiser.eps(x, t)` is the predicted
-noise of latents x [B, 4, h, w] at (possibly fractional) DDPM timesteps t [B], and `denoiser(x, sigma)` the
-x0 estimate at noise level sigma (k-diffusion's form: x = x0 + sigma * eps, sigma = sqrt((1 - a) / a)).
-`cfg_denoiser` builds it from a model, with guidance; v-prediction is converted to eps there (`eps =
-sqrt(a) v + sqrt(1-a) x`), so every sampler is written once. Samplers take an optional `callback`, called
+noise of latents x [B, 4, h, w] at DDPM timesteps t [B] (long on the schedule's own steps, float32 when
+fractional), and `denoiser(x, sigma)` the x0 estimate at noise level sigma (k-diffusion's form:
+x = x0 + sigma * eps, sigma = sqrt((1 - a) / a)). `cfg_denoiser` builds it from a model, with guidance;
+v-prediction is converted to eps there (`eps = sqrt(a) v + sqrt(1-a) x`), so every sampler is written once. Samplers take an optional `callback`, called
 after every step with a `Step` (the latents and the x0 estimate, e.g. for previews and progress).
 
 - `sample_ddim`, `sample_plms`: the CompVis samplers exactly (uniform timesteps `range(0, T, T // S) + 1`,
@@ -80,12 +80,21 @@ class Denoiser:
         """x0 estimate at noise level sigma (a scalar tensor): the UNet sees x / sqrt(sigma^2 + 1) at t(sigma)."""
         if self.quantize:
             idx = (sigma.to(self.sigmas.dtype) - self.sigmas).abs().argmin()
-            sigma, t = self.sigmas[idx], idx.to(torch.float32).expand(x.shape[0]).to(x.device)
+            sigma, t = self.sigmas[idx], idx
         else:
-            t = sigma_to_t(sigma, self.sigmas).expand(x.shape[0]).to(x.device)
+            t = sigma_to_t(sigma, self.sigmas).to(torch.float32)
+            if torch.equal(t, t.round()):  # on the schedule's own sigmas (t is on the CPU here: no sync)
+                t = t.long()
         c_in = (sigma**2 + 1) ** -0.5
-        eps = self.eps(x * c_in.to(x.dtype), t.to(torch.float32))
+        eps = self.eps(x * c_in.to(x.dtype), _to_device(t.expand(x.shape[0]), x.device))
         return x - sigma.to(x.dtype) * eps
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor to `device` without waiting for the GPU's queue (pinned, non-blocking copy)."""
+    if device.type == "cuda":
+        return t.contiguous().pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def cfg_denoiser(
@@ -135,10 +144,11 @@ def _check_spacing(spacing: str) -> str:
 
 
 def _alpha_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """alphas_cumprod at integer t, or through the interpolated sigma at fractional t (k-diffusion's rule)."""
+    """alphas_cumprod at integer t, or through the interpolated sigma at fractional (float) t (k-diffusion's
+    rule). The dtype decides, not the values: reading them would be a host sync per step on a GPU."""
     ac = alphas_cumprod.to(t.device, torch.float32)
-    if not torch.is_floating_point(t) or torch.equal(t, t.round()):
-        return ac[t.long()]
+    if not torch.is_floating_point(t):
+        return ac[t]
     sigma = t_to_sigma(t, model_sigmas(ac))
     return (1.0 / (1.0 + sigma**2)).to(torch.float32)
 
