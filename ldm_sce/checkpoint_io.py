@@ -250,8 +250,7 @@ KIND_NAMES = {
     "checkpoint": "a Stable Diffusion checkpoint (pass it with --ckpt)",
     "sc": "an SC-Tuner file (pass it with --tuner)",
     "csc": "a CSC-Tuner controller (pass it with --control, with a --control-image)",
-    "lora": "a LoRA file, which the command-line tools do not apply yet (one made by this project's trainer "
-    "loads with ldm_sce.methods.load_lora)",
+    "lora": "a LoRA file (pass it with --lora PATH[:WEIGHT])",
     "unknown": "neither a Stable Diffusion checkpoint nor a tuner or LoRA file",
 }
 _SC_KEYS = ("lsc_identity.", "tuners.")

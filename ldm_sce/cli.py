@@ -21,9 +21,10 @@ from .conditions import CONDITIONS, condition_tensor, make_condition
 from .config import ConfigError
 from .diffusion import LatentDiffusion
 from .images import ImageError, NonFiniteError, free_path, load_image, save_png
+from .lora import load_lora, parse_lora_arg
 from .sampling import SAMPLERS, SPACINGS
-from .tuner_files import load_tuner
-from .tuners import Control, Tuning
+from .tuner_files import load_tuner, load_tuners
+from .tuners import COMPOSE_MODES, Control, Tuning
 from .unet import COMPILE_MODES, compile_unet
 
 # The embedded default: the toy shapes model this project trains itself (docs/RESULTS.md), 64x64 images.
@@ -88,8 +89,37 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 def add_tuner_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SCEdit tuners and controllers")
-    g.add_argument("--tuner", type=str, help="SC-Tuner file (ours, or an official swift/scepter file or folder)")
-    g.add_argument("--tuner-scale", type=float, default=1.0, help="skip + s * (T(skip) - skip)")
+    g.add_argument(
+        "--tuner",
+        action="append",
+        default=[],
+        help="SC-Tuner file (ours, or an official swift/scepter file or folder); repeatable",
+    )
+    g.add_argument(
+        "--tuner-scale",
+        action="append",
+        default=[],
+        type=float,
+        help="skip + s * (T(skip) - skip); one per --tuner, in order (default 1)",
+    )
+    g.add_argument(
+        "--tuner-compose",
+        choices=COMPOSE_MODES,
+        default="sum",
+        help="several tuners: 'sum' of their edits (order-free) or 'sequential' (scepter Studio's: each on the "
+        "previous one's output)",
+    )
+    g.add_argument(
+        "--skip-scales", type=str, help="research: one tuner scale per skip, decoder order, e.g. 1,1,0.5,..."
+    )
+    g.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="LoRA file for the base model (kohya/A1111, diffusers/peft); repeatable",
+    )
+    g.add_argument("--lora-merge", action="store_true", help="merge the LoRAs into the weights (faster sampling)")
     g.add_argument("--control", action="append", default=[], help="CSC-Tuner controller file; repeatable")
     g.add_argument("--control-image", action="append", default=[], help="one image per --control, in order")
     g.add_argument(
@@ -106,14 +136,14 @@ def add_tuner_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control-end", type=float, default=1.0, help="fraction of sampling where control ends")
 
 
-def _per_control(values: list, n: int, name: str, default):
+def _per_control(values: list, n: int, name: str, default, per: str = "--control"):
     if not values:
         return [default] * n
     if len(values) == 1:
         return values * n
     if len(values) != n:
-        raise UsageError(f"{name} is given {len(values)} times for {n} --control files")
-    return values
+        raise UsageError(f"{name} is given {len(values)} times for {n} {per} files")
+    return list(values)
 
 
 def attach_tuners(model: LatentDiffusion, args: argparse.Namespace, width: int, height: int, outdir: Path) -> Tuning:
@@ -121,18 +151,32 @@ def attach_tuners(model: LatentDiffusion, args: argparse.Namespace, width: int, 
     control with its hints computed once, its range). Conditions are made at `model.cfg.condition_size`
     (the image size for SD) and saved next to the outputs as control-<i>-<type>.png (never over a file)."""
     height, width = model.cfg.condition_size(height, width)
-    if args.tuner:
-        load_tuner(model, args.tuner, kind="sc")
+    for value in args.lora:
+        path, weight = parse_lora_arg(value)
+        load_lora(model, path, weight, merge=args.lora_merge)
+    tuner_scale = 1.0
+    if len(args.tuner) == 1 and len(args.tuner_scale) <= 1:  # one tuner: its scale is the run's tuner scale
+        tuner_scale = args.tuner_scale[0] if args.tuner_scale else 1.0
+        load_tuner(model, args.tuner[0], kind="sc", text_weight=tuner_scale)
+    elif args.tuner:
+        scales = _per_control(args.tuner_scale, len(args.tuner), "--tuner-scale", 1.0, "--tuner")
+        load_tuners(model, list(zip(args.tuner, scales, strict=True)), args.tuner_compose)
+    elif args.tuner_scale:
+        raise UsageError("--tuner-scale without --tuner")
+    if args.skip_scales:
+        tuner_scale = tuple(tuner_scale * s for s in _skip_scales(args.skip_scales, model))
     n = len(args.control)
     if len(args.control_image) != n:
         raise UsageError(f"{n} --control file(s) but {len(args.control_image)} --control-image(s): give one each")
     types = _per_control(args.control_type, n, "--control-type", None)
-    weights = _per_control(args.control_weight, n, "--control-weight", 1.0)
+    weights = _per_control(args.control_weight, n, "--control-weight", None)
     mask = load_image(args.control_mask) if args.control_mask else None
     hints = []
     p = next(model.parameters())
     for i, (path, image) in enumerate(zip(args.control, args.control_image, strict=True)):
         ctrl = load_tuner(model, path, kind="csc")
+        if weights[i] is None:  # the controller's own default (a released controller's SCALE), else 1
+            weights[i] = ctrl.default_weight
         kind = types[i] or ctrl.condition
         if kind is None:
             raise UsageError(f"{path} does not say which condition it takes: pass --control-type")
@@ -141,7 +185,19 @@ def attach_tuners(model: LatentDiffusion, args: argparse.Namespace, width: int, 
         with torch.no_grad():
             hints.append(ctrl.hints(condition_tensor(cond).to(p.device, p.dtype)))
     control = Control(hints, weights, args.control_scale) if n else None
-    return Tuning(args.tuner_scale, control, (args.control_start, args.control_end))
+    args.control_weight = weights  # as used, for the PNG parameters
+    return Tuning(tuner_scale, control, (args.control_start, args.control_end))
+
+
+def _skip_scales(text: str, model: LatentDiffusion) -> list[float]:
+    n = len(model.cfg.unet.skip_channels)
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--skip-scales {text!r}: not a comma-separated list of numbers") from None
+    if len(values) != n or not all(math.isfinite(v) and abs(v) <= 10 for v in values):
+        raise UsageError(f"--skip-scales: this model has {n} skips; give {n} numbers in [-10, 10], got {text!r}")
+    return values
 
 
 # Allowed values of the numeric arguments (inclusive): flag -> (low, high)
@@ -188,7 +244,9 @@ def check_args(args: argparse.Namespace) -> None:
                 "Diffusion checkpoint (.ckpt or .safetensors), or restore weights/ from git"
             )
         args.ckpt = str(DEFAULT_CKPT)
-    for flag, path in [("--ckpt", args.ckpt), ("--tuner", args.tuner)] + [("--control", c) for c in args.control]:
+    paths = [("--ckpt", args.ckpt)] + [("--tuner", t) for t in args.tuner] + [("--control", c) for c in args.control]
+    paths += [("--lora", parse_lora_arg(v)[0]) for v in args.lora]
+    for flag, path in paths:
         if path is not None and not Path(path).exists():
             raise UsageError(f"{flag} {path}: not found" if flag != "--ckpt" else f"checkpoint not found: {path}")
     check_device(args.device)
@@ -340,8 +398,17 @@ def extra_params(args: argparse.Namespace, model: LatentDiffusion | None = None)
     if model is not None and model.cfg.family == "sdxl":
         extra.update({"Original size": args.original_size, "Crop": args.crop_coords, "Target size": args.target_size})
         extra = {k: ("-".join(map(str, v)) if isinstance(v, list) else v) for k, v in extra.items() if v is not None}
+    if args.lora:
+        extra["LoRA"] = [f"{Path(p).stem}:{w:g}" for p, w in map(parse_lora_arg, args.lora)]
     if args.tuner:
-        extra.update({"SC-Tuner": Path(args.tuner).stem, "Tuner scale": args.tuner_scale})
+        scales = args.tuner_scale or [1.0]
+        if len(args.tuner) == 1:
+            extra.update({"SC-Tuner": Path(args.tuner[0]).stem, "Tuner scale": scales[0]})
+        else:
+            extra.update({"SC-Tuners": [Path(t).stem for t in args.tuner], "Tuner scales": scales})
+            extra["Tuner compose"] = args.tuner_compose
+    if args.skip_scales:
+        extra["Skip scales"] = args.skip_scales
     if args.control:
         extra.update(
             {

@@ -505,7 +505,8 @@ def non_finite_cause(model: LatentDiffusion, c: Cond, uc: Cond | None, x: torch.
         return "the text conditioning holds NaN or inf (the text encoder's weights, or the prompt features given)"
     if not finite([x]):
         return "the initial noise x_T holds NaN or inf"
-    if not math.isfinite(tuning.tuner_scale):
+    scales = [tuning.tuner_scale] if isinstance(tuning.tuner_scale, (int, float)) else list(tuning.tuner_scale)
+    if not all(math.isfinite(s) for s in scales):
         return f"the tuner scale is {tuning.tuner_scale}"
     if control is not None and not (math.isfinite(control.scale) and all(math.isfinite(w) for w in control.weights)):
         return f"the control scale or weights are not finite ({control.scale}, {control.weights})"

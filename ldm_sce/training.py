@@ -388,6 +388,7 @@ class Trainer:
             "steps": self.step,
             "lr": self.cfg.optim.lr,
             "batch_size": self.cfg.optim.batch_size,
+            "resolution": self.cfg.data.resolution,
             "data": self.cfg.data.path,
             "trigger": self.cfg.data.trigger,
             "suffix": self.cfg.data.suffix,

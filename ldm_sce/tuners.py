@@ -4,6 +4,10 @@ Both edit the UNet's skip connections, one per output block in decoder order (se
 
     skip' = skip + tuner_scale * (T(skip) - skip) + control_scale * sum_i w_i * c_i(skip)
 
+- Several SC-Tuners on one skip (`TunerSet`): by default the weighted sum of their edits,
+  skip + s * sum_k s_k (T_k(skip) - skip), which does not depend on their order; or scepter Studio's
+  composition, each on the previous one's output: x_k = x_{k-1} + s s_k (T_k(x_{k-1}) - x_{k-1}).
+
 - SC-Tuner: T(x) = x + ln2(GELU(ln1(x))), token-wise over channels; ln2 is zero-initialised, so a fresh
   tuner is an exact identity.
 - CSC-Tuner (controller i): a hint encoder takes the condition image (RGB in [0, 1], 8x the latent size)
@@ -61,6 +65,33 @@ class SCTuner(nn.Module):
         return skip + scale * self.delta(skip)
 
 
+COMPOSE_MODES = ("sum", "sequential")
+
+
+class TunerSet(nn.Module):
+    """Several SC-Tuners on one skip, each with its weight s_k, combined as `mode` says (module docstring).
+    Slots may hold a `SkipIdentity` where a tuner file does not cover this skip."""
+
+    def __init__(self, tuners: list[nn.Module], weights: list[float], mode: str = "sum"):
+        super().__init__()
+        if mode not in COMPOSE_MODES:
+            raise ValueError(f"tuner composition must be one of {', '.join(COMPOSE_MODES)}, got {mode!r}")
+        if len(tuners) != len(weights):
+            raise ValueError(f"{len(tuners)} tuners but {len(weights)} weights")
+        self.tuners = nn.ModuleList(tuners)
+        self.weights = [float(w) for w in weights]
+        self.mode = mode
+
+    def forward(self, skip: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        active = [(t, w) for t, w in zip(self.tuners, self.weights, strict=True) if isinstance(t, SCTuner)]
+        if self.mode == "sum":
+            return skip + scale * sum(w * t.delta(skip) for t, w in active)
+        x = skip
+        for t, w in active:
+            x = x + (scale * w) * t.delta(x)
+        return x
+
+
 class CSCTuner(nn.Module):
     """A controller: condition image -> one hint per skip, and the per-skip tuner MLPs (`lsc_tuner_blocks`).
 
@@ -73,12 +104,13 @@ class CSCTuner(nn.Module):
         cfg: UNetConfig,
         kernel: int = 1,
         hint_channels: int | None = None,
-        hint_ratio: int | None = None,
+        hint_ratio: float | None = None,
         down_ratio: float = 1.0,
         in_channels: int = 3,
     ):
-        """hint_channels, hint_ratio: the hint encoder's output width and width ratio (default: the base's,
-        `cfg.hint_channels` and `cfg.hint_ratio`: 256 and 1 for SD1/SD2, 320 and 2 for SDXL)."""
+        """hint_channels, hint_ratio: the hint encoder's output width and width ratio r (default: the base's,
+        `cfg.hint_channels` and `cfg.hint_ratio`: 256 and 1 for SD1/SD2, 320 and 2 for SDXL). r is scepter's
+        float `PRE_HINT_DIM_RATIO`: widths int(16 r), int(16 r), int(32 r), int(32 r), int(96 r), int(96 r)."""
         super().__init__()
         hint_channels = cfg.hint_channels if hint_channels is None else hint_channels
         hint_ratio = cfg.hint_ratio if hint_ratio is None else hint_ratio
@@ -86,8 +118,9 @@ class CSCTuner(nn.Module):
             raise ValueError(f"dense hint kernel must be 1 or 3, got {kernel}")
         self.kernel = kernel
         self.condition: str | None = None  # what the hints are made from (canny, color, ...), from the file
-        r = hint_ratio
-        widths = [in_channels, 16 * r, 16 * r, 32 * r, 32 * r, 96 * r, 96 * r, hint_channels]
+        self.default_weight = 1.0  # its w_i when none is asked (a released controller's SCALE)
+        self.hint_ratio = hint_ratio
+        widths = [in_channels, *hint_widths(hint_ratio), hint_channels]
         layers: list[nn.Module] = []
         for i, stride in enumerate(HINT_STRIDES):  # image size -> latent size
             layers += [nn.Conv2d(widths[i], widths[i + 1], 3, stride=stride, padding=1), nn.SiLU()]
@@ -118,6 +151,14 @@ class CSCTuner(nn.Module):
         return hint + self.lsc_tuner_blocks[m].delta(skip + hint)
 
 
+HINT_WIDTH_BASES = (16, 16, 32, 32, 96, 96)  # the hint encoder's widths at ratio 1, before its output conv
+
+
+def hint_widths(ratio: float) -> list[int]:
+    """The hint encoder's inner widths at width ratio `ratio`, exactly as scepter computes them."""
+    return [int(b * ratio) for b in HINT_WIDTH_BASES]
+
+
 @dataclass
 class Control:
     """Per-call control for the UNet: the hints of each attached controller (`UNetModel.controllers`, same
@@ -136,15 +177,20 @@ class Control:
 
 @dataclass(frozen=True)
 class Tuning:
-    """How the attached tuners act in a call: the SC-Tuner scale s (skip + s * (T(skip) - skip)), the
+    """How the attached tuners act in a call: the SC-Tuner scale s (skip + s * (T(skip) - skip); a sequence:
+    one scale per skip, decoder order, for research), the
     CSC-Tuner control (hints, weights, scale), and the part of sampling in which control acts: while the
     progress 1 - t/T lies in `control_range` (0: pure noise, 1: clean image). The UNet applies the first two;
     the sampler's denoiser, which knows the progress, applies the range (`at`). `Tuning()`: the attached
     tuners at scale 1, no control."""
 
-    tuner_scale: float = 1.0
+    tuner_scale: float | tuple[float, ...] = 1.0
     control: Control | None = None
     control_range: tuple[float, float] = (0.0, 1.0)
+
+    def skip_scale(self, m: int) -> float:
+        """The SC-Tuner scale at skip m (decoder order)."""
+        return self.tuner_scale if isinstance(self.tuner_scale, (int, float)) else self.tuner_scale[m]
 
     def at(self, progress: float) -> Tuning:
         """This tuning at sampling progress `progress`: without its control outside `control_range`."""

@@ -258,7 +258,7 @@ class UNetModel(nn.Module):
         # -- decoder: pop skip m, edit it (SCEdit), concatenate after h, run output block m --
         for m, block in enumerate(self.output_blocks):
             skip = hs.pop()  # [B, C_m, H_m, W_m]: skip m of cfg.skip_shapes(h, w)
-            edited = self.tuners[m](skip, tuning.tuner_scale)  # SC-Tuner: skip + s (T(skip) - skip), eq. 6
+            edited = self.tuners[m](skip, tuning.skip_scale(m))  # SC-Tuner: skip + s (T(skip) - skip), eq. 6
             for ctrl, hints, w in controls:  # CSC-Tuners: + w (hint + MLP(skip + hint)), eq. 7
                 edited = edited + w * ctrl.residual(m, skip, hints[m])  # [B, C_m, H_m, W_m]
             h = torch.cat([h, edited], dim=1)  # [B, C_h + C_m, H_m, W_m]

@@ -58,3 +58,41 @@ def train_config(tmp_path: Path, ckpt: Path, data_path: Path, **sections) -> Pat
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+_UNET_LAYERS = ("attn1.to_q", "attn1.to_k", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+_UNET_LAYERS += ("proj_in", "proj_out", "in_layers.2", "out_layers.3", "emb_layers.1", "skip_connection")
+
+
+def write_kohya_lora(model, path, rank=4, alpha=2.0, seed=0, compvis_names=False, metadata=None):
+    """A kohya-format LoRA on the UNet's attention, feed-forward, proj and resnet layers (conv LoRA on the
+    3x3 convs) and on every text-encoder projection, random matrices."""
+    from ldm_sce.lora import diffusers_unet_name, lora_targets
+
+    g = torch.Generator().manual_seed(seed)
+    unet = model.model.diffusion_model
+    sd = {}
+
+    def add(name, w):
+        down_shape = (rank, *w.shape[1:]) if w.ndim == 4 else (rank, w.shape[1])
+        up_shape = (w.shape[0], rank, 1, 1) if w.ndim == 4 else (w.shape[0], rank)
+        sd[f"{name}.lora_down.weight"] = torch.randn(down_shape, generator=g) * 0.2
+        sd[f"{name}.lora_up.weight"] = torch.randn(up_shape, generator=g) * 0.2
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+
+    for name, module in unet.named_modules():
+        if name.endswith(_UNET_LAYERS) and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            theirs = name if compvis_names else diffusers_unet_name(unet, name)
+            add("lora_unet_" + theirs.replace(".", "_"), module.weight)
+    for name, target in lora_targets(model).items():
+        if name.startswith("lora_te"):
+            add(
+                name,
+                getattr(target.module, target.tensor)[target.rows]
+                if target.rows
+                else getattr(target.module, target.tensor),
+            )
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path), metadata=metadata)
+    return sd

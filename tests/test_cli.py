@@ -215,3 +215,46 @@ def test_txt2img_with_tuner_and_controllers(ckpt, tmp_path):
     assert np.abs(a - b).max() > 0  # the tuners changed the image
     r = run("txt2img.py", *common, "--outdir", base, "--control", tmp_path / "canny.safetensors")
     assert r.returncode == 2 and "--control-image" in r.stderr
+
+
+@pytest.mark.slow
+def test_txt2img_with_loras_and_several_tuners_equals_the_library(ckpt, tmp_path):
+    from helpers import write_kohya_lora
+
+    from ldm_sce.lora import load_lora
+    from ldm_sce.tuner_files import load_tuners, save_tuner_file, sc_tuner_file
+
+    model = load_model(ckpt, config="tiny-sd1")
+    unet = model.model.diffusion_model
+    for k in range(2):
+        for tuner in unet.attach_sc_tuners():
+            torch.nn.init.normal_(tuner.ln2.weight, std=0.05 * (k + 1))
+        save_tuner_file(sc_tuner_file(model), tmp_path / f"style{k}.safetensors")
+    write_kohya_lora(model, tmp_path / "detail.safetensors", alpha=2.0, seed=1)
+    out = tmp_path / "out"
+    args = ["--ckpt", ckpt, "--config", "tiny-sd1", "--ddim_steps", 3, "--H", 16, "--W", 16, "--seed", 7]
+    args += ["--prompt", "a red square", "--negative-prompt", "blurry", "--n_samples", 1, "--precision", "full"]
+    args += ["--outdir", out, "--quiet"]
+    common = list(args)
+    args += ["--lora", f"{tmp_path / 'detail.safetensors'}:0.5", "--tuner-compose", "sequential"]
+    args += ["--tuner", tmp_path / "style0.safetensors", "--tuner-scale", 0.8]
+    args += ["--tuner", tmp_path / "style1.safetensors", "--tuner-scale", 0.5]
+    r = run("txt2img.py", *args)
+    assert r.returncode == 0, r.stderr
+    text = Image.open(out / "samples" / "00000.png").text["parameters"]
+    assert "LoRA: ['detail:0.5']" in text and "SC-Tuners: ['style0', 'style1']" in text
+    assert "Tuner scales: [0.8, 0.5]" in text and "Tuner compose: sequential" in text
+
+    ref = load_model(ckpt, config="tiny-sd1")
+    load_lora(ref, tmp_path / "detail.safetensors", weight=0.5)
+    load_tuners(ref, [(tmp_path / "style0.safetensors", 0.8), (tmp_path / "style1.safetensors", 0.5)], "sequential")
+    c, uc = ref.get_learned_conditioning(["a red square"]), ref.get_learned_conditioning(["blurry"])
+    with torch.no_grad():
+        img = to_pil(ref.decode_first_stage(sample(ref, c, uc, steps=3, seed=7, shape=(8, 8))))[0]
+    diff = np.abs(np.asarray(img, dtype=int) - np.asarray(Image.open(out / "samples" / "00000.png"), dtype=int))
+    assert diff.max() <= 1
+
+    r = run("txt2img.py", *common, "--tuner", tmp_path / "style0.safetensors", "--skip-scales", "1,2")
+    assert r.returncode == 2 and "--skip-scales: this model has 9 skips" in r.stderr
+    r = run("txt2img.py", *common, "--lora", tmp_path / "style0.safetensors")
+    assert r.returncode == 2 and "not a LoRA file" in r.stderr, r.stderr
