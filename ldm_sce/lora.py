@@ -63,13 +63,17 @@ class LoRALayer:
 
     def delta(self) -> torch.Tensor:
         """(alpha / r) up @ down, shaped like the target (fp32)."""
-        down, up = self.down.float(), self.up.float().flatten(1)
-        rank = down.shape[0]
-        if down.ndim == 4 and down.shape[2:] != (1, 1):
-            d = torch.einsum("or,rihw->oihw", up, down)
-        else:
-            d = up @ down.flatten(1)
-        return (self.alpha / rank) * d.reshape(self.target.shape)
+        return lora_delta(self.down, self.up, self.alpha / self.down.shape[0], self.target.shape)
+
+
+def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float, shape: torch.Size) -> torch.Tensor:
+    """scale * up @ down in fp32, shaped `shape`; a conv LoRA's down kernel is kept (summed over the rank)."""
+    down, up = down.float(), up.float().flatten(1)
+    if down.ndim == 4 and down.shape[2:] != (1, 1):
+        d = torch.einsum("or,rihw->oihw", up, down)
+    else:
+        d = up @ down.flatten(1)
+    return scale * d.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -276,22 +280,36 @@ def read_lora(
         if target is None:
             raise CheckpointError(f"{path}: layer {name} is not a layer of this {model.cfg.family} model")
         down, up = p["down"], p["up"]
-        a = float(p["alpha"]) if "alpha" in p else (alpha if alpha is not None else down.shape[0])
-        layer = LoRALayer(target, down, up, a)
-        ok = down.ndim in (2, 4) and up.ndim in (2, 4) and up.shape[1] == down.shape[0]
         want = target.shape
-        if ok:
-            fan_in = down.shape[1] * (down[0, 0].numel() if down.ndim == 4 else 1)
-            ok = up.shape[0] == want[0] and fan_in == want[1:].numel() if len(want) > 1 else False
-        if not ok:
+        if not _fits(down, up, want):
             raise CheckpointError(
                 f"{path}: layer {name}: LoRA down {tuple(down.shape)} / up {tuple(up.shape)} does not fit "
                 f"{target.name} {tuple(want)}; use a LoRA made for this base model"
             )
+        if "alpha" in p:
+            if p["alpha"].numel() != 1 or not torch.isfinite(p["alpha"].float()).all():
+                raise CheckpointError(f"{path}: layer {name}: alpha is {p['alpha'].tolist()!r:.40}, not one number")
+            a = float(p["alpha"].float())
+        else:
+            a = float(alpha if alpha is not None else down.shape[0])
+        layer = LoRALayer(target, down, up, a)
         layers.append(layer)
     if not layers:
         raise CheckpointError(f"{path}: no LoRA layers in the file")
     return layers
+
+
+def _fits(down: torch.Tensor, up: torch.Tensor, want: torch.Size) -> bool:
+    """down [r, in(, kh, kw)] and up [out, r(, 1, 1)] make a delta of the target's shape [out, in(, kh, kw)];
+    1x1 convs and linears take either form."""
+    if not (down.is_floating_point() and up.is_floating_point() and down.ndim in (2, 4) and up.ndim in (2, 4)):
+        return False
+    rank = down.shape[0]
+    if rank < 1 or tuple(up.shape[1:]) not in ((rank,), (rank, 1, 1)) or len(want) not in (2, 4):
+        return False
+    kernel = tuple(want[2:]) if len(want) == 4 else (1, 1)
+    downs = {(want[1], *kernel)} | ({(want[1],), (want[1], 1, 1)} if kernel == (1, 1) else set())
+    return up.shape[0] == want[0] and tuple(down.shape[1:]) in downs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -300,17 +318,21 @@ def read_lora(
 
 
 class LoRADelta(nn.Module):
-    """A weight parametrization W + weight * delta (on the row block `rows` for a packed projection)."""
+    """A weight parametrization W + weight * (alpha / r) up @ down (on the row block `rows` of a packed
+    projection). It keeps the two factors, not their product: a LoRA costs its own size in memory."""
 
-    def __init__(self, delta: torch.Tensor, weight: float, rows: slice | None, source: str = "lora"):
+    def __init__(self, layer: LoRALayer, weight: float, source: str = "lora"):
         super().__init__()
-        self.register_buffer("delta", delta, persistent=False)
-        self.weight = weight
-        self.rows = rows
+        w = getattr(layer.target.module, layer.target.tensor)
+        self.register_buffer("down", layer.down.to(w.device), persistent=False)
+        self.register_buffer("up", layer.up.to(w.device), persistent=False)
+        self.scale = weight * layer.alpha / layer.down.shape[0]
+        self.shape = layer.target.shape
+        self.rows = layer.target.rows
         self.source = source  # 'lora': a --lora file; 'tuner': a TEXT_SCE tuner's text LoRA
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        d = (self.weight * self.delta).to(w.dtype)
+        d = lora_delta(self.down, self.up, self.scale, self.shape).to(w.dtype)
         if self.rows is None:
             return w + d
         out = w.clone()
@@ -328,13 +350,12 @@ def apply_lora(
     added = []
     for layer in layers:
         t = layer.target
-        w = getattr(t.module, t.tensor)
-        delta = layer.delta().to(w.device)
         if merge:
+            w = getattr(t.module, t.tensor)
             with torch.no_grad():
-                (w[t.rows] if t.rows is not None else w).add_((weight * delta).to(w.dtype))
+                (w[t.rows] if t.rows is not None else w).add_((weight * layer.delta()).to(w.device, w.dtype))
             continue
-        p = LoRADelta(delta, weight, t.rows, source)
+        p = LoRADelta(layer, weight, source)
         parametrize.register_parametrization(t.module, t.tensor, p)
         added.append(p)
     return added

@@ -226,28 +226,3 @@ def add_lora(unet: nn.Module, rank: int) -> list[nn.Parameter]:
             parametrize.register_parametrization(linear, "weight", lora)
             params += [lora.lora_A, lora.lora_B]
     return params
-
-
-def load_lora(model: LatentDiffusion, path: str | Path) -> int:
-    """Add the LoRA of a `lora.safetensors` written by the `lora` method to `model`'s UNet (rank read from
-    the file); returns its parameter count. Keys must match exactly."""
-    from .checkpoint_io import CheckpointError, read_checkpoint
-
-    tensors, _ = read_checkpoint(path)
-    unet = model.model.diffusion_model
-    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A")}
-    if len(ranks) != 1:
-        raise CheckpointError(f"{path}: not a LoRA file of this project (lora_A ranks {sorted(ranks)})")
-    params = add_lora(unet, ranks.pop())
-    named = {n: q for n, q in unet.named_parameters() if ".lora_" in n}
-    if set(named) != set(tensors) or any(named[k].shape != t.shape for k, t in tensors.items()):
-        raise CheckpointError(
-            f"{path}: LoRA keys or shapes do not fit this UNet ({len(set(tensors) - set(named))} unknown, "
-            f"{len(set(named) - set(tensors))} missing)"
-        )
-    with torch.no_grad():
-        for k, t in tensors.items():
-            named[k].copy_(t)
-    for q in params:
-        q.requires_grad_(False)
-    return sum(q.numel() for q in params)

@@ -67,6 +67,7 @@ def test_train_every_method(tmp_path):
     assert "sc_hires" in stdout
 
 
+@pytest.mark.slow
 def test_sdxl_unet_in_separate_processes_and_training_methods(tmp_path):
     result, stdout = bench(tmp_path, "unet", "--latent", 8, "--runs", 1, "--batch", 1, "--separate", preset="tiny-sdxl")
     assert result["separate_processes"] and result["max_abs_diff"] is None and "own weights" in stdout

@@ -7,6 +7,7 @@ from runs with 5,000)."""
 
 import io
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -171,6 +172,62 @@ def test_arbitrary_tuner_metadata(tiny_model, changes, drop, raw):
         unet.replace_controllers([])
 
 
+_LORA_PARTS = ["lora_down.weight", "lora_up.weight", "alpha", "lora_A.weight", "lora_B.weight", "hada_w1_a"]
+
+
+@pytest.fixture(scope="module")
+def lora_names(tiny_model):
+    from ldm_sce.lora import lora_targets
+
+    names = sorted(lora_targets(tiny_model))
+    return names[:: max(1, len(names) // 40)] + ["unet.down_blocks.0.resnets.0.conv1", "lora_te2_text_model_x"]
+
+
+@FUZZ
+@given(
+    data=st.data(),
+    entries=st.lists(  # (layer, part, shape, value)
+        st.tuples(
+            st.integers(0, 10_000),
+            st.sampled_from(_LORA_PARTS) | st.text(max_size=8),
+            st.just("fit") | st.lists(st.sampled_from([0, 1, 2, 3, 32, 64, 128]), max_size=4),
+            st.sampled_from([0.0, 0.1, float("nan"), float("inf")]),
+        ),
+        max_size=6,
+    ),
+    meta=st.dictionaries(
+        st.sampled_from(["ss_base_model_version", "modelspec.architecture", "ss_v2"]),
+        st.sampled_from(["sd_v1", "sd_v2", "sdxl_base_v1-0", "stable-diffusion-v1", "True", ""]) | st.text(max_size=8),
+        max_size=2,
+    ),
+)
+def test_arbitrary_lora_files(tiny_model, lora_names, data, entries, meta):
+    from ldm_sce.lora import load_lora, lora_targets, remove_lora
+
+    targets = lora_targets(tiny_model)
+    tensors = {}  # a valid two-layer LoRA, then the entries added or written over it
+    for name in lora_names[:2]:
+        w = targets[name].shape
+        tensors[f"{name}.lora_down.weight"] = torch.full((2, *w[1:]), 0.1)
+        tensors[f"{name}.lora_up.weight"] = torch.full((w[0], 2), 0.1)
+    for index, part, shape, fill in entries:
+        name = lora_names[index % len(lora_names)]
+        if shape == "fit":  # the layer's own shapes (rank 2), so that some files are valid
+            w = targets[name].shape if name in targets else (4, 4)
+            shape = {"lora_down.weight": (2, *w[1:]), "lora_up.weight": (w[0], 2)}.get(part, ())
+        if math.prod(shape) <= 2**20:
+            tensors[f"{name}.{part}"] = torch.full(shape, fill)
+    path = WORK / "lora.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    try:
+        load_lora(tiny_model, path, weight=data.draw(st.floats(-2, 2)))  # on the fly: removed after each
+        event("loaded")
+    except CheckpointError:
+        event("refused with CheckpointError")
+    finally:
+        remove_lora(tiny_model)
+
+
 MODEL_KEYS = [
     "family",
     "unet",
@@ -319,4 +376,15 @@ def test_the_fuzz_targets_accept_their_valid_inputs(tiny_model):
     path = WORK / "seed.safetensors"
     save_file(_tuner_weights(), str(path), metadata={"ldm_sce.tuner": json.dumps(GOOD)})
     assert len(load_tuner(tiny_model, path)) == 1
+    from ldm_sce.lora import load_lora, lora_targets, remove_lora
+
+    name = sorted(lora_targets(tiny_model))[0]
+    w = lora_targets(tiny_model)[name].shape
+    down = torch.full((2, *w[1:]), 0.1)
+    save_file(
+        {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": torch.full((w[0], 2), 0.1)},
+        str(WORK / "l.safetensors"),
+    )
+    assert load_lora(tiny_model, WORK / "l.safetensors") == 1
+    remove_lora(tiny_model)
     assert load_config({"preset": "tiny-sd1"}) == PRESETS["tiny-sd1"]

@@ -3,10 +3,13 @@
     python tools/convert_tuner.py 0_SwiftSCETuning/ my_style.safetensors --base sd1
     python tools/convert_tuner.py ldm_step-2000/pytorch_model.bin my_style.safetensors --base sd2
     python tools/convert_tuner.py canny_controller/ canny.safetensors --base sd2 --condition canny
+    python tools/convert_tuner.py studio_export/ text_sce.safetensors --base sd1   # TEXT_SCE: both folders
 
 Accepts a swift adapter folder (adapter_model.safetensors/.bin), a native scepter checkpoint
-(pytorch_model.bin with model.lsc_identity.* keys) or a released controller folder (pytorch_model.bin with
-0.pre_hint_blocks.* keys). The structure is read from the weights; --base records which model it is for.
+(pytorch_model.bin with model.lsc_identity.* keys), a released controller folder (pytorch_model.bin with
+0.pre_hint_blocks.* keys; its configuration.json SCALE becomes the default control weight) or a scepter
+Studio TEXT_SCE folder (0_SwiftSCETuning/ + 1_SwiftLoRA/: SC-Tuners and the text-encoder LoRA in one file).
+The structure is read from the weights; --base records which model it is for.
 """
 
 from __future__ import annotations

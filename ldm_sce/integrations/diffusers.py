@@ -7,6 +7,7 @@ tuner, then the controllers' residuals) and concatenates it back. Skip m (decode
 resnet j with m = i * (layers_per_block + 1) + j, the order diffusers pops its skips in.
 
     from diffusers import StableDiffusionPipeline
+    from PIL import Image
     from ldm_sce.integrations.diffusers import SCEdit
 
     pipe = StableDiffusionPipeline.from_single_file("v2-1_512-ema-pruned.safetensors")
