@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -22,14 +23,13 @@ from .config import ConfigError
 from .diffusion import LatentDiffusion
 from .images import ImageError, NonFiniteError, free_path, load_image, save_png
 from .lora import load_lora, parse_lora_arg
-from .sampling import SAMPLERS, SPACINGS
+from .sampling import SAMPLER_NAMES, SCHEDULES, SPACINGS, display_name, resolve_sampler
 from .tuner_files import load_tuner, load_tuners
 from .tuners import COMPOSE_MODES, Control, Tuning
 from .unet import COMPILE_MODES, compile_unet
 
 # The embedded default: the toy shapes model this project trains itself (docs/RESULTS.md), 64x64 images.
 DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "weights" / "toy-shapes.safetensors"
-SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M Karras"}
 
 
 class UsageError(Exception):
@@ -39,11 +39,28 @@ class UsageError(Exception):
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar")
     p.add_argument("--negative-prompt", type=str, default="", help="the unconditional prompt of CFG")
+    p.add_argument(
+        "--prompt-syntax",
+        choices=("a1111", "plain"),
+        default="a1111",
+        help="a1111: (word:1.3), [word], BREAK and prompts of any length in 75-token chunks; plain: the text "
+        "as it is, cut at 75 tokens (CompVis's scripts)",
+    )
+    p.add_argument("--clip-skip", type=int, help="the text encoder's N-th layer from the end (A1111's meaning)")
+    p.add_argument(
+        "--embedding", action="append", default=[], help="textual-inversion embedding (.pt/.safetensors); repeatable"
+    )
     p.add_argument("--from-file", type=str, help="read prompts from this file, one per line")
     p.add_argument("--outdir", type=str, default="outputs/txt2img-samples")
     p.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
     p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps (any sampler)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    p.add_argument(
+        "--sampler",
+        default="ddim",
+        help=f"{', '.join(SAMPLER_NAMES)}, or AUTOMATIC1111's names ('DPM++ 2M Karras', 'Euler a', ...)",
+    )
+    p.add_argument("--schedule", choices=SCHEDULES, help="sigma schedule (default: Karras for DPM++, else uniform)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale phi (Lin et al. 2024), 0..1")
     p.add_argument("--plms", action="store_true", help="same as --sampler plms")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--n_iter", type=int, default=1, help="sample this often")
@@ -211,6 +228,8 @@ RANGES = {
     "--scale": (0.0, 100.0),
     "--ddim_eta": (0.0, 1.0),
     "--tuner-scale": (-10.0, 10.0),
+    "--clip-skip": (1, 48),
+    "--guidance-rescale": (0.0, 1.0),
     "--control-scale": (0.0, 10.0),
     "--control-weight": (-10.0, 10.0),
     "--control-start": (0.0, 1.0),
@@ -227,6 +246,13 @@ def check_args(args: argparse.Namespace) -> None:
     folder usable. UsageError names the argument and what it accepts."""
     if args.plms:
         args.sampler = "plms"
+    try:
+        args.sampler, named = resolve_sampler(args.sampler)
+    except ValueError as e:
+        raise UsageError(f"--sampler: {e}") from None
+    args.schedule = args.schedule or named
+    if args.schedule is not None and args.schedule not in SCHEDULES:
+        raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {args.schedule!r}")
     for flag, (lo, hi) in RANGES.items():
         values = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         for value in values if isinstance(values, list) else [values]:
@@ -245,6 +271,7 @@ def check_args(args: argparse.Namespace) -> None:
             )
         args.ckpt = str(DEFAULT_CKPT)
     paths = [("--ckpt", args.ckpt)] + [("--tuner", t) for t in args.tuner] + [("--control", c) for c in args.control]
+    paths += [("--embedding", e) for e in args.embedding]
     paths += [("--lora", parse_lora_arg(v)[0]) for v in args.lora]
     for flag, path in paths:
         if path is not None and not Path(path).exists():
@@ -323,15 +350,38 @@ def _conditioning(model: LatentDiffusion, args: argparse.Namespace, prompts: lis
         given = [f"--{k.replace('_', '-')}" for k, v in sizes.items() if v is not None]
         if given:
             raise UsageError(f"{', '.join(given)}: only SDXL models take the micro-conditioning")
-        c = model.get_learned_conditioning(prompts)
     else:
         defaults = {"original_size": (height, width), "crop_coords": (0, 0), "target_size": (height, width)}
-        c = model.get_learned_conditioning(prompts, **{k: tuple(v or defaults[k]) for k, v in sizes.items()})
+        sizes = {k: tuple(v or defaults[k]) for k, v in sizes.items()}
+    if args.prompt_syntax == "a1111":
+        from .prompts import encode_prompts
+
+        negative = [args.negative_prompt] * len(prompts) if args.negative_prompt else None
+        try:
+            c, uc = encode_prompts(model, prompts, negative, args.clip_skip, _embeddings(args), sizes)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return c, (None if args.scale == 1.0 else uc)
+    if args.clip_skip or args.embedding:
+        raise UsageError("--clip-skip and --embedding need --prompt-syntax a1111")
+    if model.cfg.family != "sdxl":
+        c = model.get_learned_conditioning(prompts)
+    else:
+        c = model.get_learned_conditioning(prompts, **sizes)
     if args.scale == 1.0:
         return c, None
     return c, model.get_unconditional_conditioning(
         c, [args.negative_prompt] * len(prompts) if args.negative_prompt else None
     )
+
+
+def _embeddings(args: argparse.Namespace) -> list:
+    """The --embedding files, read once per run."""
+    from .prompts import load_embedding
+
+    if getattr(args, "_embeddings", None) is None:
+        args._embeddings = [load_embedding(path) for path in args.embedding]
+    return args._embeddings
 
 
 def vae_context(model: LatentDiffusion, args: argparse.Namespace):
@@ -395,9 +445,17 @@ def extra_params(args: argparse.Namespace, model: LatentDiffusion | None = None)
     extra = {"Eta": args.ddim_eta} if args.sampler == "ddim" else {}
     if model is not None:
         extra["Schedule"] = spacing(model, args)
+    if args.guidance_rescale:
+        extra["CFG rescale"] = args.guidance_rescale
     if model is not None and model.cfg.family == "sdxl":
         extra.update({"Original size": args.original_size, "Crop": args.crop_coords, "Target size": args.target_size})
         extra = {k: ("-".join(map(str, v)) if isinstance(v, list) else v) for k, v in extra.items() if v is not None}
+    if args.clip_skip:
+        extra["Clip skip"] = args.clip_skip
+    if args.embedding:
+        extra["Embeddings"] = [Path(e).stem for e in args.embedding]
+    if args.prompt_syntax != "a1111":
+        extra["Prompt syntax"] = args.prompt_syntax
     if args.lora:
         extra["LoRA"] = [f"{Path(p).stem}:{w:g}" for p, w in map(parse_lora_arg, args.lora)]
     if args.tuner:
@@ -429,7 +487,7 @@ def a1111_parameters(p: dict) -> str:
         lines.append(f"Negative prompt: {p['negative_prompt']}")
     fields = {
         "Steps": p["steps"],
-        "Sampler": SAMPLER_NAMES[p["sampler"]],
+        "Sampler": display_name(p["sampler"], p.get("schedule")),
         "CFG scale": p["scale"],
         "Seed": p["seed"],
         "Size": f"{p['width']}x{p['height']}",
@@ -438,6 +496,70 @@ def a1111_parameters(p: dict) -> str:
     fields.update(p.get("extra", {}))
     lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
     return "\n".join(lines)
+
+
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_a1111_parameters(text: str) -> dict[str, str]:
+    """The `parameters` text of a PNG (AUTOMATIC1111's layout, which this project writes too) as a mapping:
+    'Prompt', 'Negative prompt', and the fields of the last line ('Steps', 'Sampler', 'Seed', ...)."""
+    lines = text.strip().split("\n")
+    fields: dict[str, str] = {}
+    if lines and len(_FIELD.findall(lines[-1])) >= 3:  # A1111's rule: a line of at least three fields
+        for key, value in _FIELD.findall(lines.pop()):
+            fields[key.strip()] = value[1:-1] if value.startswith('"') else value.strip()
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    return {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative), **fields}
+
+
+def _known(names):
+    def conv(value: str) -> str:
+        if value.lower() not in names:
+            raise ValueError(value)
+        return value.lower()
+
+    return conv
+
+
+def png_defaults(path: str) -> tuple[dict, list[str]]:
+    """(argument defaults, fields left out) from a PNG's generation parameters, for --from-png."""
+    try:
+        with Image.open(path) as img:
+            text = img.info.get("parameters")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--from-png {path}: cannot read the image ({e})") from None
+    if not text:
+        raise UsageError(f"--from-png {path}: the image holds no generation parameters (no 'parameters' text)")
+    p = parse_a1111_parameters(text)
+    out: dict = {"prompt": p.pop("Prompt"), "negative_prompt": p.pop("Negative prompt")}
+    conv = {
+        "Steps": ("ddim_steps", int),
+        "Sampler": ("sampler", str),
+        "Schedule type": ("schedule", _known(SCHEDULES)),
+        "Schedule": ("spacing", _known(SPACINGS)),
+        "CFG scale": ("scale", float),
+        "Seed": ("seed", int),
+        "Clip skip": ("clip_skip", int),
+        "Eta": ("ddim_eta", float),
+        "CFG rescale": ("guidance_rescale", float),
+    }
+    left = []
+    for key, value in p.items():
+        try:
+            if key == "Size":
+                out["W"], out["H"] = (int(v) for v in value.split("x"))
+            elif key in conv:
+                out[conv[key][0]] = conv[key][1](value)
+            else:
+                left.append(f"{key}: {value}")
+        except ValueError:
+            left.append(f"{key}: {value}")
+    return out, left
 
 
 def save_sample(img: Image.Image, path: Path, params: dict, sidecar: bool) -> None:
@@ -451,11 +573,22 @@ def save_sample(img: Image.Image, path: Path, params: dict, sidecar: bool) -> No
         os.replace(tmp, json_path)
 
 
+def _parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The arguments; with --from-png, the PNG's parameters are the defaults (flags given still win)."""
+    known, _ = parser.parse_known_args()
+    if getattr(known, "from_png", None):
+        defaults, left = png_defaults(known.from_png)
+        parser.set_defaults(**defaults)
+        if left:
+            print(f"--from-png: not replayed (set them with flags if needed): {'; '.join(left)}", file=sys.stderr)
+    return parser.parse_args()
+
+
 def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
     """Parse, run `main(args)`, and turn the project's input errors (a bad argument, checkpoint, config, tuner
     or image) into one line on stderr with exit status 2."""
-    args = parser.parse_args()
     try:
+        args = _parse(parser)
         main(args)
     except (UsageError, CheckpointError, ConfigError, ImageError, NonFiniteError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

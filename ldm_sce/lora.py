@@ -155,9 +155,8 @@ def _text_targets(encoder: nn.Module, prefix: str, where: str) -> dict[str, Targ
     return out
 
 
-def lora_targets(model: LatentDiffusion) -> dict[str, Target]:
-    """Every layer a LoRA may change, by its kohya name (diffusers' and the original names for the UNet)."""
-    unet = model.model.diffusion_model
+def unet_lora_targets(unet: nn.Module) -> dict[str, Target]:
+    """Every Linear and Conv2d of the UNet (not the tuners), by kohya name: diffusers' and the original one."""
     out = {}
     for name, module in unet.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or name.startswith(("tuners.", "controllers.")):
@@ -167,6 +166,12 @@ def lora_targets(model: LatentDiffusion) -> dict[str, Target]:
         theirs = diffusers_unet_name(unet, name)
         if theirs is not None:
             out["lora_unet_" + theirs.replace(".", "_")] = target
+    return out
+
+
+def lora_targets(model: LatentDiffusion) -> dict[str, Target]:
+    """Every layer a LoRA may change, by its kohya name (diffusers' and the original names for the UNet)."""
+    out = unet_lora_targets(model.model.diffusion_model)
     if model.cfg.family == "sdxl":
         for i, encoder in enumerate(model.conditioner.embedders):
             out |= _text_targets(encoder, f"lora_te{i + 1}_", f"conditioner.embedders.{i}")

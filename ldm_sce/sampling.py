@@ -10,8 +10,11 @@ estimate, e.g. for previews and progress).
 
 - `sample_ddim`, `sample_plms`: the CompVis samplers exactly (uniform timesteps `range(0, T, T // S) + 1`,
   the last step's alpha_prev = alphas_cumprod[0]); DDIM eq. 12 of Song et al. 2021.
-- `sample_euler`, `sample_euler_ancestral`, `sample_dpmpp_2m`: k-diffusion's samplers in sigma space, with
-  Karras et al. 2022 sigmas for DPM-Solver++ 2M.
+- `sample_ddpm`: DDPM's ancestral sampling on the same timesteps (diffusers' DDPMScheduler).
+- `sample_euler`, `sample_euler_ancestral`, `sample_heun`, `sample_lms`, `sample_dpmpp_2m`,
+  `sample_dpmpp_2m_sde`, `sample_dpmpp_sde`, `sample_dpmpp_2s_ancestral`: k-diffusion's samplers in sigma
+  space (AUTOMATIC1111's list), on Karras, exponential or uniform sigmas (`SCHEDULES`). The stochastic ones
+  take a `noise_fn`; `sample` gives every image its own stream, from its seed.
 """
 
 from __future__ import annotations
@@ -34,7 +37,37 @@ if TYPE_CHECKING:
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[], torch.Tensor]
-SAMPLERS = ("ddim", "plms", "euler", "euler_a", "dpmpp_2m")
+SAMPLERS = (
+    "ddim",
+    "plms",
+    "euler",
+    "euler_a",
+    "heun",
+    "lms",
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_sde",
+    "dpmpp_2s_a",
+    "ddpm",
+)
+# AUTOMATIC1111's names; with " Karras" / " Exponential" they also pick the schedule
+SAMPLER_NAMES = {
+    "ddim": "DDIM",
+    "plms": "PLMS",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "lms": "LMS",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_2s_a": "DPM++ 2S a",
+    "unipc": "UniPC",
+    "ddpm": "DDPM",
+}
+TIMESTEP_SAMPLERS = ("ddim", "plms", "ddpm")  # on DDPM timesteps; the others on a sigma schedule
+SCHEDULES = ("karras", "exponential", "uniform")  # sigma schedules of the k-diffusion samplers
+STOCHASTIC = ("euler_a", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_2s_a", "ddpm")
 # how a run's timesteps / noise levels are spaced: CompVis's (SD1/SD2's default) or sgm's trailing (SDXL's)
 SPACINGS = ("compvis", "trailing")
 
@@ -105,9 +138,12 @@ def cfg_denoiser(
     scale: float,
     tuning: Tuning | None = None,
     spacing: str = "compvis",
+    rescale: float = 0.0,
 ) -> Denoiser:
     """The model with classifier-free guidance: one UNet call on cat([x, x]) with cat([uncond, cond]),
-    `e = e_u + scale * (e_c - e_u)`. With `uncond=None` or scale 1, a single conditional call.
+    `e = e_u + scale * (e_c - e_u)`. With `uncond=None` or scale 1, a single conditional call. rescale phi
+    (Lin et al. 2024, diffusers' `guidance_rescale`): e = phi e std(e_c) / std(e) + (1 - phi) e, stds per image
+    over the model's output (eps or v).
 
     tuning (SCEdit) goes to the UNet; its control hints feed both CFG branches and act while the sampling
     progress 1 - t/T lies in `tuning.control_range`. spacing 'trailing': sgm's denoiser (its float32
@@ -127,6 +163,10 @@ def cfg_denoiser(
         else:
             out_u, out_c = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), both, now).chunk(2)
             out = out_u + scale * (out_c - out_u)
+            if rescale:
+                dims = list(range(1, out.ndim))
+                rescaled = out * (out_c.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+                out = rescale * rescaled + (1 - rescale) * out
         if model.parameterization == "v":  # linear in the output, so guiding v then converting equals guiding eps
             a = _alpha_at(ac, t).to(x.dtype).view(-1, 1, 1, 1)
             out = a.sqrt() * out + (1.0 - a).sqrt() * x
@@ -395,6 +435,338 @@ def sample_dpmpp_2m(
     return x
 
 
+def sigmas_exponential(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` sigmas evenly spaced in log sigma between the model's sigma_max and sigma_min, then 0."""
+    sig = model_sigmas(alphas_cumprod)
+    log = torch.linspace(sig[-1].log().item(), sig[0].log().item(), steps, dtype=torch.float64)
+    return torch.cat([log.exp(), torch.zeros(1, dtype=torch.float64)])
+
+
+def _ancestral(s: torch.Tensor, s_next: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma_down, sigma_up) of an ancestral step from s to s_next (k-diffusion's split)."""
+    if not eta or s_next == 0:
+        return s_next, s_next * 0
+    s_up = torch.minimum(s_next, eta * (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5)
+    return (s_next**2 - s_up**2) ** 0.5, s_up
+
+
+@torch.no_grad()
+def sample_heun(
+    denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None, progress: bool = False
+) -> torch.Tensor:
+    """Heun (Karras et al. 2022 alg. 1, no churn): an Euler step corrected with the slope at its end point;
+    the last step (to sigma 0) is Euler. Two UNet calls per step but the last."""
+    n = len(sigmas) - 1
+    for i in tqdm(range(n), disable=not progress, desc="Heun"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        den = denoiser(x, s)
+        d = (x - den) / s.to(x.dtype)
+        dt = (s_next - s).to(x.dtype)
+        if s_next == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - denoiser(x_2, s_next)) / s_next.to(x.dtype)
+            x = x + (d + d_2) / 2 * dt
+        if callback is not None:
+            callback(Step(i, n, x, den))
+    return x
+
+
+def _lms_coefficient(sigmas: np.ndarray, i: int, j: int, order: int) -> float:
+    """The integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial of node sigma_{i-j} on the
+    nodes sigma_i, ..., sigma_{i-order+1} (exactly, as a polynomial)."""
+    nodes = [sigmas[i - k] for k in range(order)]
+    poly = np.polynomial.Polynomial([1.0])
+    for k, node in enumerate(nodes):
+        if k != j:
+            poly = poly * np.polynomial.Polynomial([-node, 1.0]) / (nodes[j] - node)
+    integral = poly.integ()
+    return float(integral(sigmas[i + 1]) - integral(sigmas[i]))
+
+
+@torch.no_grad()
+def sample_lms(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    order: int = 4,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Linear multistep (k-diffusion's LMS, diffusers' LMSDiscreteScheduler): x += sum_j c_j d_{i-j}, the
+    c_j the integrals of the Lagrange polynomials through the last `order` slopes d = (x - D) / sigma."""
+    n = len(sigmas) - 1
+    sig = sigmas.double().cpu().numpy()
+    ds: list[torch.Tensor] = []
+    for i in tqdm(range(n), disable=not progress, desc="LMS"):
+        den = denoiser(x, sigmas[i])
+        ds = [(x - den) / sigmas[i].to(x.dtype), *ds][:order]
+        k = min(i + 1, order)
+        x = x + sum(_lms_coefficient(sig, i, j, k) * ds[j] for j in range(k))
+        if callback is not None:
+            callback(Step(i, n, x, den))
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise_fn: NoiseFn,
+    eta: float = 1.0,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DPM-Solver++(2S) ancestral (k-diffusion's "DPM++ 2S a"): a second-order singlestep update (midpoint
+    in log sigma) to sigma_down, then fresh noise of scale sigma_up; eta 0: the deterministic DPM++ 2S."""
+    n = len(sigmas) - 1
+    for i in tqdm(range(n), disable=not progress, desc="DPM++ 2S a"):
+        s = sigmas[i]
+        den = denoiser(x, s)
+        s_down, s_up = _ancestral(s, sigmas[i + 1], eta)
+        if s_down == 0:
+            x = x + (x - den) / s.to(x.dtype) * (s_down - s).to(x.dtype)
+        else:
+            t, t_next = -s.log(), -s_down.log()
+            h = t_next - t
+            s_mid = (-(t + 0.5 * h)).exp()
+            x_2 = (s_mid / s).to(x.dtype) * x - torch.expm1(-0.5 * h).to(x.dtype) * den
+            x = (s_down / s).to(x.dtype) * x - torch.expm1(-h).to(x.dtype) * denoiser(x_2, s_mid)
+        if sigmas[i + 1] > 0 and eta:
+            x = x + noise_fn() * s_up.to(x.dtype)
+        if callback is not None:
+            callback(Step(i, n, x, den))
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise_fn: NoiseFn,
+    eta: float = 1.0,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DPM-Solver++ SDE (k-diffusion's "DPM++ SDE", r = 1/2): two ancestral half steps per step. The two
+    noise draws of a step are increments of one Brownian path over sigma (the midpoint's by a Brownian
+    bridge), as k-diffusion's Brownian tree gives them; drawn per image from its seed, so the same in
+    distribution, not bitwise, as torchsde's. eta 0: the deterministic second-order singlestep solver."""
+    n = len(sigmas) - 1
+    for i in tqdm(range(n), disable=not progress, desc="DPM++ SDE"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        den = denoiser(x, s)
+        if s_next == 0:
+            x = x + (x - den) / s.to(x.dtype) * (s_next - s).to(x.dtype)
+        else:
+            t, t_next = -s.log(), -s_next.log()
+            s_mid = (-(t + 0.5 * (t_next - t))).exp()
+            w_full, w_mid = _brownian_pair(noise_fn, s, s_mid, s_next) if eta else (None, None)
+            sd, su = _ancestral(s, s_mid, eta)  # half step to the midpoint, on den
+            x_2 = (sd / s).to(x.dtype) * x - torch.expm1(sd.log() - s.log()).to(x.dtype) * den
+            if eta:
+                x_2 = x_2 + w_mid * su.to(x.dtype)
+            den_2 = denoiser(x_2, s_mid)
+            sd, su = _ancestral(s, s_next, eta)  # the whole step, on the midpoint's estimate (r = 1/2)
+            x = (sd / s).to(x.dtype) * x - torch.expm1(sd.log() - s.log()).to(x.dtype) * den_2
+            if eta:
+                x = x + w_full * su.to(x.dtype)
+        if callback is not None:
+            callback(Step(i, n, x, den))
+    return x
+
+
+def _brownian_pair(noise_fn: NoiseFn, s0, s_mid, s1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised increments of one Brownian path W over sigma from s0: (W(s1) - W(s0)) / sqrt|s1 - s0| and
+    (W(s_mid) - W(s0)) / sqrt|s_mid - s0|, W(s_mid) drawn from the bridge between s0 and s1."""
+    z_full, z_bridge = noise_fn(), noise_fn()
+    span, part = (s1 - s0).abs(), (s_mid - s0).abs()
+    frac = (part / span).to(z_full.dtype)
+    w_mid = z_full * span.sqrt().to(z_full.dtype) * frac + z_bridge * (part * (span - part) / span).sqrt().to(
+        z_full.dtype
+    )
+    return z_full, w_mid / part.sqrt().to(z_full.dtype)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise_fn: NoiseFn,
+    eta: float = 1.0,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE (k-diffusion's "DPM++ 2M SDE", midpoint solver): the multistep update of the
+    SDE; eta 0 is DPM++ 2M exactly. Noise per interval per image (a Brownian increment)."""
+    n = len(sigmas) - 1
+    old_den, h_last = None, None
+    for i in tqdm(range(n), disable=not progress, desc="DPM++ 2M SDE"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        den = denoiser(x, s)
+        if s_next == 0:
+            x = den
+        else:
+            h = s.log() - s_next.log()
+            eta_h = eta * h
+            x = (s_next / s * (-eta_h).exp()).to(x.dtype) * x + torch.expm1(-h - eta_h).neg().to(x.dtype) * den
+            if old_den is not None:
+                r = h_last / h
+                x = x + (0.5 * torch.expm1(-h - eta_h).neg() / r).to(x.dtype) * (den - old_den)
+            if eta:
+                x = x + noise_fn() * (s_next * torch.expm1(-2 * eta_h).neg().sqrt()).to(x.dtype)
+            h_last = h
+        old_den = den
+        if callback is not None:
+            callback(Step(i, n, x, den))
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    steps: int,
+    noise_fn: NoiseFn,
+    callback: Callback | None = None,
+    progress: bool = False,
+    spacing: str = "compvis",
+) -> torch.Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020) on the CompVis timesteps (diffusers' DDPMScheduler with
+    'leading' spacing and steps_offset 1; or sgm's trailing ones): x_prev = the posterior mean of x0 and x,
+    plus the posterior ("fixed small") standard deviation times noise; the last step goes to alpha 1."""
+    ac = denoiser.alphas_cumprod.to(torch.float64).cpu()
+    timesteps = trailing_timesteps if _check_spacing(spacing) == "trailing" else ddim_timesteps
+    ts = timesteps(steps, len(ac)).flip(0)
+    for k, t in enumerate(tqdm(ts.tolist(), disable=not progress, desc="DDPM")):
+        a_t = ac[t]
+        a_prev = ac[ts[k + 1]] if k + 1 < len(ts) else torch.ones((), dtype=torch.float64)
+        alpha, beta = a_t / a_prev, 1 - a_t / a_prev
+        eps = denoiser.eps(x, torch.full((x.shape[0],), t, device=x.device))
+        x0 = (x - (1 - a_t).sqrt().to(x.dtype) * eps) / a_t.sqrt().to(x.dtype)
+        mean = (a_prev.sqrt() * beta / (1 - a_t)).to(x.dtype) * x0 + (alpha.sqrt() * (1 - a_prev) / (1 - a_t)).to(
+            x.dtype
+        ) * x
+        var = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)  # 1e-20 at the last step, as diffusers
+        x = mean + var.sqrt().to(x.dtype) * noise_fn()
+        if callback is not None:
+            callback(Step(k, len(ts), x, x0))
+    return x
+
+
+def _unipc_coefficients(h: float, rks: list[float], order: int) -> tuple[float, float, list[list[float]], list[float]]:
+    """(h phi_1, B(h), R, b) of UniPC's bh2 variant with data prediction (Zhao et al. 2023, alg. 2 and eq. 7)
+    at step size h in lambda = -log sigma, for the relative node positions `rks` (the last is 1)."""
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1 if math.isfinite(hh) else -1.0
+    b_h = math.expm1(hh)
+    rows, b, factorial = [], [], 1
+    for k in range(1, order + 1):
+        rows.append([r ** (k - 1) for r in rks])
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = (h_phi_k / hh if math.isfinite(hh) else 0.0) - 1 / factorial
+    return h_phi_1, b_h, rows, b
+
+
+def _unipc_update(x, m0, ms_prev, lam_prev, lam0, lam_t, s0, s_t, order, corrector_out=None):
+    """One UniPC update from the VP sample x at noise level s0 (x0 estimate m0) to s_t: the predictor (UniP),
+    or with `corrector_out` (the x0 estimate at s_t) the corrector (UniC). ms_prev / lam_prev: the earlier
+    x0 estimates and their lambdas, most recent first."""
+    h = lam_t - lam0
+    k_prev = order - 1
+    rks = [(lam_prev[k] - lam0) / h for k in range(k_prev)] + [1.0]
+    d1s = [(ms_prev[k] - m0) / rks[k] for k in range(k_prev)]
+    h_phi_1, b_h, rows, b = _unipc_coefficients(h, rks, order)
+    alpha_t, sig_t = 1 / math.sqrt(1 + s_t**2), s_t / math.sqrt(1 + s_t**2)
+    sig_0 = s0 / math.sqrt(1 + s0**2)
+    out = (sig_t / sig_0) * x - (alpha_t * h_phi_1) * m0
+    if corrector_out is None:
+        if d1s:
+            rhos = [0.5] if order == 2 else np.linalg.solve(np.array(rows)[:-1, :-1], np.array(b)[:-1]).tolist()
+            out = out - (alpha_t * b_h) * sum(r * d for r, d in zip(rhos, d1s, strict=True))
+        return out
+    rhos = [0.5] if order == 1 else np.linalg.solve(np.array(rows), np.array(b)).tolist()
+    res = sum((r * d for r, d in zip(rhos[:-1], d1s, strict=True)), torch.zeros_like(x))
+    return out - (alpha_t * b_h) * (res + rhos[-1] * (corrector_out - m0))
+
+
+@torch.no_grad()
+def sample_unipc(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    order: int = 2,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023), diffusers' default form: bh2, data prediction, multistep order 2 (or 3),
+    the corrector after every step but the last reusing that step's UNet call (one call per step), orders
+    lowered at the start and for the final step. Runs on VP samples x / sqrt(1 + sigma^2)."""
+    n = len(sigmas) - 1
+    sig = [float(v) for v in sigmas.double().cpu()]
+    lam = [(-math.log(v) if v > 0 else math.inf) for v in sig]
+    xs = x / math.sqrt(1 + sig[0] ** 2)
+    ms: list[torch.Tensor] = []  # x0 estimates, most recent first
+    last_x, last_order = None, 1
+    for i in tqdm(range(n), disable=not progress, desc="UniPC"):
+        den = denoiser(xs * math.sqrt(1 + sig[i] ** 2), sigmas[i])
+        if last_x is not None:  # UniC: correct the step just made with the estimate at its end
+            xs = _unipc_update(
+                last_x,
+                ms[0],
+                ms[1:],
+                lam[i - 2 :: -1] if i >= 2 else [],
+                lam[i - 1],
+                lam[i],
+                sig[i - 1],
+                sig[i],
+                last_order,
+                den,
+            )
+        ms = [den, *ms][:order]
+        this_order = min(order, n - i, len(ms))
+        last_x, last_order = xs, this_order
+        xs = _unipc_update(
+            xs, ms[0], ms[1:], lam[i - 1 :: -1] if i >= 1 else [], lam[i], lam[i + 1], sig[i], sig[i + 1], this_order
+        )
+        if callback is not None:
+            callback(Step(i, n, xs * math.sqrt(1 + sig[i + 1] ** 2), den))
+    return xs * math.sqrt(1 + sig[-1] ** 2)
+
+
+def resolve_sampler(name: str) -> tuple[str, str | None]:
+    """(sampler, schedule or None) of a sampler name: ours (`dpmpp_2m`) or AUTOMATIC1111's display name, with
+    an optional schedule suffix ("DPM++ 2M Karras", "Euler a", "DPM++ SDE Exponential"); case-insensitive."""
+    key = name.strip().lower()
+    if key in SAMPLERS:
+        return key, None
+    for schedule in (None, *SCHEDULES):
+        for sampler, display in SAMPLER_NAMES.items():
+            if key == (display.lower() + (f" {schedule}" if schedule else "")):
+                if schedule and sampler in TIMESTEP_SAMPLERS:
+                    break
+                return sampler, schedule
+    names = ", ".join([*SAMPLERS, *SAMPLER_NAMES.values()])
+    raise ValueError(f"unknown sampler {name!r}; choose one of {names} (A1111's names may end in Karras/Exponential)")
+
+
+def default_schedule(sampler: str) -> str:
+    """The sigma schedule a k-diffusion sampler uses when none is asked: Karras for the DPM++ family."""
+    return "karras" if sampler.startswith("dpmpp") else "uniform"
+
+
+def display_name(sampler: str, schedule: str | None = None) -> str:
+    """A1111's name of a sampler and schedule (as PNG parameters write it): "DPM++ 2M Karras"."""
+    schedule = None if sampler in TIMESTEP_SAMPLERS else (schedule or default_schedule(sampler))
+    return SAMPLER_NAMES[sampler] + (f" {schedule.capitalize()}" if schedule in ("karras", "exponential") else "")
+
+
 def batch_noise(shape: tuple[int, ...], seeds: list[int], dtype=torch.float32, device="cpu") -> torch.Tensor:
     """Noise [B, ...] whose row i is drawn on the CPU from its own seed: an image does not depend on the
     batch size or the device it is generated on."""
@@ -435,6 +807,8 @@ def sample(
     callback: Callback | None = None,
     progress: bool = False,
     spacing: str | None = None,
+    schedule: str | None = None,
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Latents [B, 4, h, w] (scaled, ready for `decode_first_stage`) for conditioning c (the context
     [B, 77, C], or SDXL's dict from `get_learned_conditioning`).
@@ -445,10 +819,18 @@ def sample(
     size. tuning: SCEdit tuner scale and control (`Tuning`); callback: called with a `Step` after every step.
     spacing: 'compvis' (CompVis's DDIM timesteps; uniform sigmas for Euler, Karras for DPM++ 2M; the
     default for SD1/SD2) or 'trailing' (sgm's discretization and start x_T * sqrt(1 + sigma_max^2); the
-    default for SDXL).
+    default for SDXL). sampler: one of SAMPLERS or an A1111 name ("DPM++ 2M Karras"); schedule: the sigma
+    schedule of the k-diffusion samplers (karras, exponential, uniform; default Karras for DPM++, else
+    uniform; spacing 'trailing' uses sgm's instead). guidance_rescale phi (Lin et al. 2024): the guided output
+    rescaled to the conditional one's standard deviation, mixed in with weight phi. Every noise draw of
+    every sampler comes from the image's own seed, so stochastic samplers are batch invariant too.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    sampler, named_schedule = resolve_sampler(sampler)
+    schedule = schedule or named_schedule
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if not (math.isfinite(guidance_rescale) and 0.0 <= guidance_rescale <= 1.0):
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
     check_sampling_args(steps, scale, eta, model.num_timesteps)
     spacing = _check_spacing(spacing or ("trailing" if model.cfg.family == "sdxl" else "compvis"))
     p = next(model.parameters())
@@ -457,25 +839,23 @@ def sample(
     h, w = shape or (model.cfg.image_size, model.cfg.image_size)
     lat_shape = (b, model.model.diffusion_model.cfg.in_channels, h, w)
     x = x_T if x_T is not None else batch_noise(lat_shape, seeds, dtype=p.dtype, device=p.device)
-    denoiser = cfg_denoiser(model, c, uc, scale, tuning, spacing)
+    denoiser = cfg_denoiser(model, c, uc, scale, tuning, spacing, guidance_rescale)
     noise_fn = NoiseStream(tuple(x.shape), seeds, x.dtype, x.device)
     if sampler == "ddim":
         z = sample_ddim(denoiser, x, steps, eta, noise_fn, callback=callback, progress=progress, spacing=spacing)
     elif sampler == "plms":
         z = sample_plms(denoiser, x, steps, callback=callback, progress=progress, spacing=spacing)
+    elif sampler == "ddpm":
+        z = sample_ddpm(denoiser, x, steps, noise_fn, callback, progress, spacing)
     else:
         if spacing == "trailing":
             sigmas = sigmas_trailing(denoiser, steps)
             x = x * (1.0 + sigmas[0] ** 2).sqrt().to(x.dtype)
         else:
-            sigmas = (sigmas_karras if sampler == "dpmpp_2m" else sigmas_uniform)(model.alphas_cumprod, steps)
+            make = {"karras": sigmas_karras, "exponential": sigmas_exponential, "uniform": sigmas_uniform}
+            sigmas = make[schedule or default_schedule(sampler)](model.alphas_cumprod, steps)
             x = x * sigmas[0].to(x.dtype)
-        if sampler == "euler":
-            z = sample_euler(denoiser, x, sigmas, callback, progress)
-        elif sampler == "euler_a":
-            z = sample_euler_ancestral(denoiser, x, sigmas, noise_fn, 1.0, callback, progress)
-        else:
-            z = sample_dpmpp_2m(denoiser, x, sigmas, callback, progress)
+        z = _run_k_sampler(sampler, denoiser, x, sigmas, noise_fn, callback, progress)
     if not torch.isfinite(z).all():  # one check at the end: no host sync inside the loop
         raise NonFiniteError(f"the sampled latents hold NaN or inf: {non_finite_cause(model, c, uc, x, tuning)}")
     return z
@@ -523,6 +903,21 @@ def non_finite_cause(model: LatentDiffusion, c: Cond, uc: Cond | None, x: torch.
     )
 
 
+def _run_k_sampler(sampler, denoiser, x, sigmas, noise_fn, callback, progress) -> torch.Tensor:
+    if sampler in ("euler", "heun", "lms", "dpmpp_2m", "unipc"):
+        fn = {"euler": sample_euler, "heun": sample_heun, "lms": sample_lms, "dpmpp_2m": sample_dpmpp_2m}.get(
+            sampler, sample_unipc
+        )
+        return fn(denoiser, x, sigmas, callback=callback, progress=progress)
+    fn = {
+        "euler_a": sample_euler_ancestral,
+        "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+        "dpmpp_sde": sample_dpmpp_sde,
+        "dpmpp_2s_a": sample_dpmpp_2s_ancestral,
+    }[sampler]
+    return fn(denoiser, x, sigmas, noise_fn, 1.0, callback, progress)
+
+
 def _seeds(seed: int | list[int] | None, n: int) -> list[int]:
     if isinstance(seed, list):
         if len(seed) != n:
@@ -548,6 +943,15 @@ __all__ = [
     "sample_euler",
     "sample_euler_ancestral",
     "sample_plms",
+    "sample_heun",
+    "sample_lms",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_sde",
+    "sample_dpmpp_2s_ancestral",
+    "sample_ddpm",
+    "sample_unipc",
+    "resolve_sampler",
+    "sigmas_exponential",
     "sigmas_karras",
     "sigmas_uniform",
 ]

@@ -142,11 +142,20 @@ class FrozenCLIPEmbedder(nn.Module):
         self.transformer = _CLIPTextModel(cfg)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.from_embeddings(self.token_embeddings(tokens), tokens)
+
+    def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, N] -> [B, N, W], before the position embeddings (where textual-inversion vectors go)."""
+        return self.transformer.text_model.embeddings.token_embedding(tokens)
+
+    def from_embeddings(self, x: torch.Tensor, tokens: torch.Tensor, skip: int | None = None) -> torch.Tensor:
+        """The context from token embeddings x [B, N, W]. skip: the output of the skip-th layer from the end
+        (clip skip; 1 the last), then final_layer_norm if the config has it; None: the config's layer."""
         tm = self.transformer.text_model
-        n = tokens.shape[1]
-        x = tm.embeddings.token_embedding(tokens) + tm.embeddings.position_embedding.weight[:n]  # [B, N, W]
-        layers = tm.encoder.layers if self.cfg.layer == "last" else tm.encoder.layers[:-1]
-        for layer in layers:
+        x = x + tm.embeddings.position_embedding.weight[: x.shape[1]]  # [B, N, W]
+        layers = tm.encoder.layers
+        skip = skip or (1 if self.cfg.layer == "last" else 2)
+        for layer in layers[: len(layers) - skip + 1]:
             x = layer(x)
         return tm.final_layer_norm(x) if self.cfg.final_norm else x
 
@@ -227,15 +236,28 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         self.model = _OpenCLIPText(cfg)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.from_embeddings(self.token_embeddings(tokens), tokens)
+
+    def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, N] -> [B, N, W], before the positional embedding (where textual-inversion vectors go)."""
+        return self.model.token_embedding(tokens)
+
+    def from_embeddings(
+        self, x: torch.Tensor, tokens: torch.Tensor, skip: int | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The context (and the pooled output) from token embeddings x [B, N, W]. skip: the output of the
+        skip-th block from the end (clip skip; 1 the last), then ln_final if the config has it; None: the
+        config's layer. The pooled output always takes every block."""
         m, cfg = self.model, self.cfg
-        x = m.token_embedding(tokens) + m.positional_embedding[: tokens.shape[1]]  # [B, N, W]
+        x = x + m.positional_embedding[: x.shape[1]]  # [B, N, W]
         blocks = m.transformer.resblocks
-        for block in blocks[:-1]:
+        skip = skip or (1 if cfg.layer == "last" else 2)
+        run = len(blocks) if cfg.pooled else len(blocks) - skip + 1
+        context = x
+        for k, block in enumerate(blocks[:run]):
             x = block(x)
-        context = x  # the last block's input: the penultimate layer
-        if cfg.layer == "last" or cfg.pooled:
-            x = blocks[-1](x)
-            context = x if cfg.layer == "last" else context
+            if k == len(blocks) - skip:
+                context = x
         context = m.ln_final(context) if cfg.final_norm else context
         if not cfg.pooled:
             return context

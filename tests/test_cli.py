@@ -258,3 +258,76 @@ def test_txt2img_with_loras_and_several_tuners_equals_the_library(ckpt, tmp_path
     assert r.returncode == 2 and "--skip-scales: this model has 9 skips" in r.stderr
     r = run("txt2img.py", *common, "--lora", tmp_path / "style0.safetensors")
     assert r.returncode == 2 and "not a LoRA file" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_txt2img_prompt_syntax_samplers_and_replay_from_png(ckpt, tmp_path):
+    from PIL import PngImagePlugin
+
+    from ldm_sce.prompts import encode_prompts, load_embedding
+
+    torch.save(
+        {"string_to_param": {"*": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))}}, tmp_path / "zqx.pt"
+    )
+    common = ["--ckpt", ckpt, "--config", "tiny-sd1", "--ddim_steps", 4, "--H", 16, "--W", 16, "--quiet"]
+    common += ["--precision", "full", "--embedding", tmp_path / "zqx.pt"]
+    prompt = "a (red:1.3) square in zqx style BREAK on [grey]"
+    out = tmp_path / "a"
+    r = run(
+        "txt2img.py",
+        *common,
+        "--outdir",
+        out,
+        "--prompt",
+        prompt,
+        "--negative-prompt",
+        "blurry",
+        "--seed",
+        9,
+        "--clip-skip",
+        2,
+        "--sampler",
+        "DPM++ 2M SDE Karras",
+        "--guidance-rescale",
+        0.5,
+        "--scale",
+        6,
+    )
+    assert r.returncode == 0, r.stderr
+    first = out / "samples" / "00000.png"
+    text = Image.open(first).text["parameters"]
+    assert text.startswith(prompt + "\nNegative prompt: blurry\n")
+    for field in ("Sampler: DPM++ 2M SDE Karras", "Clip skip: 2", "CFG rescale: 0.5", "Seed: 9", "CFG scale: 6.0"):
+        assert field in text, (field, text)
+
+    # the library, with the same prompt handling, sampler and seed
+    model = load_model(ckpt, config="tiny-sd1")
+    c, uc = encode_prompts(model, [prompt], ["blurry"], clip_skip=2, embeddings=[load_embedding(tmp_path / "zqx.pt")])
+    with torch.no_grad():
+        z = sample(model, c, uc, sampler="dpmpp_2m_sde", steps=4, scale=6.0, seed=9, shape=(8, 8), guidance_rescale=0.5)
+        ref = to_pil(model.decode_first_stage(z))[0]
+    diff = np.abs(np.asarray(ref, dtype=int) - np.asarray(Image.open(first), dtype=int))
+    assert diff.max() <= 1
+
+    # replayed from the PNG: the same image (the embedding file is given again: files are not replayed)
+    again = tmp_path / "b"
+    r = run("txt2img.py", *common, "--outdir", again, "--from-png", first)
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.asarray(Image.open(again / "samples" / "00000.png")), np.asarray(Image.open(first)))
+    assert "not replayed" in r.stderr and "Embeddings" in r.stderr
+
+    # an AUTOMATIC1111 PNG: its prompt, sampler, scale and seed; flags given still win (steps and size here)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(
+        "parameters",
+        "a cat, (masterpiece:1.2)\nNegative prompt: lowres\nSteps: 3, Sampler: Euler a, "
+        "Schedule type: Karras, CFG scale: 5, Seed: 77, Size: 512x768, Model hash: 6ce0161689, Model: v1-5",
+    )
+    Image.new("RGB", (8, 8)).save(tmp_path / "a1111.png", pnginfo=info)
+    r = run("txt2img.py", *common[:-2], "--outdir", tmp_path / "c", "--from-png", tmp_path / "a1111.png")
+    assert r.returncode == 0, r.stderr
+    text = Image.open(tmp_path / "c" / "samples" / "00000.png").text["parameters"]
+    assert text.startswith("a cat, (masterpiece:1.2)\nNegative prompt: lowres\nSteps: 4, Sampler: Euler a Karras")
+    assert "Seed: 77" in text and "CFG scale: 5.0" in text and "Size: 16x16" in text
+    r = run("txt2img.py", *common[:-2], "--outdir", tmp_path / "d", "--from-png", tmp_path / "zqx.pt")
+    assert r.returncode == 2 and "--from-png" in r.stderr

@@ -15,6 +15,7 @@ from diffusers.loaders import single_file_utils as su
 from ldm_sce import PRESETS, load_model
 from ldm_sce.config import to_compvis_yaml
 from ldm_sce.sampling import (
+    SAMPLERS,
     Denoiser,
     batch_noise,
     cfg_denoiser,
@@ -134,6 +135,7 @@ def gaussian_toy(alphas_cumprod, s=0.5):
     sig = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt()
 
     def eps_fn(x_in, t):  # x_in = x / sqrt(sigma^2 + 1); eps = (x - D(x)) / sigma
+        t = t.to(torch.float64)
         lo = t.floor().long().clamp(max=998)
         w = (t - lo).double()
         sigma = ((1 - w) * sig[lo].log() + w * sig[lo + 1].log()).exp().view(-1, 1, 1, 1)
@@ -171,7 +173,7 @@ def test_plms_equals_ddim_for_constant_eps():
     torch.testing.assert_close(sample_plms(denoiser, x, 10), sample_ddim(denoiser, x, 10), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_same_seed_same_image_at_any_batch_size(tiny_ckpts, sampler):
     model, _, _ = tiny_ckpts["sd1"]
     c = model.get_learned_conditioning(["a red square"] * 4)
@@ -188,4 +190,194 @@ def test_same_seed_same_image_at_any_batch_size(tiny_ckpts, sampler):
 def test_sample_rejects_unknown_sampler(tiny_ckpts):
     model, _, _ = tiny_ckpts["sd1"]
     with pytest.raises(ValueError, match="unknown sampler"):
-        sample(model, torch.zeros(1, 77, 32), None, sampler="heun")
+        sample(model, torch.zeros(1, 77, 32), None, sampler="heun2")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# More samplers (AUTOMATIC1111's list), schedules, guidance rescale
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_heun_matches_diffusers(pair):
+    from diffusers import HeunDiscreteScheduler
+
+    from ldm_sce.sampling import sample_heun
+
+    ours, ref, pred = pair
+    c, uc = conds(ours)
+    x_t = batch_noise((2, 4, 8, 8), [5, 6])
+    sched = HeunDiscreteScheduler(**SCHED, timestep_spacing="linspace", prediction_type=pred)
+    sched.set_timesteps(8)
+    theirs = diffusers_loop(ref, sched, x_t * sched.init_noise_sigma, c, uc, 5.0)
+    sigmas = sigmas_uniform(ours.alphas_cumprod, 8)
+    mine = sample_heun(cfg_denoiser(ours, c, uc, 5.0), x_t * sigmas[0].float(), sigmas)
+    assert_close(mine, theirs, 1e-4)
+
+
+def test_ddpm_matches_diffusers_with_the_same_noise(pair, monkeypatch):
+    from diffusers import DDPMScheduler
+    from diffusers.schedulers import scheduling_ddpm
+
+    from ldm_sce.sampling import sample_ddpm
+
+    ours, ref, pred = pair
+    c, uc = conds(ours, n=1)
+    x_t = batch_noise((1, 4, 8, 8), [7])
+    draws = [torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(100 + k)) for k in range(10)]
+    it = iter(draws)
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, **k: next(it))
+    sched = DDPMScheduler(**SCHED, prediction_type=pred, clip_sample=False, steps_offset=1, timestep_spacing="leading")
+    sched.set_timesteps(10)
+    theirs = diffusers_loop(ref, sched, x_t, c, uc, 5.0, torch.Generator())
+    mine_it = iter(draws)
+    mine = sample_ddpm(cfg_denoiser(ours, c, uc, 5.0), x_t, 10, lambda: next(mine_it))
+    assert_close(mine, theirs, 1e-4)
+
+
+def test_guidance_rescale_is_diffusers_formula(pair):
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    ours, _, _ = pair
+    c, uc = conds(ours)
+    x, t = batch_noise((2, 4, 8, 8), [1, 2]), torch.tensor([500, 500])
+    with torch.no_grad():
+        out_u, out_c = ours.apply_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uc, c])).chunk(2)
+        guided = out_u + 5.0 * (out_c - out_u)
+        expected = rescale_noise_cfg(guided, out_c, guidance_rescale=0.7)
+    denoiser = cfg_denoiser(ours, c, uc, 5.0, rescale=0.7)
+    with torch.no_grad():
+        raw = denoiser.eps(x, t)
+    if ours.parameterization == "v":  # the denoiser converts v to eps after guiding: convert the expected too
+        from ldm_sce.sampling import _alpha_at
+
+        a = _alpha_at(ours.alphas_cumprod, t).view(-1, 1, 1, 1)
+        expected = a.sqrt() * expected + (1 - a).sqrt() * x
+    torch.testing.assert_close(raw, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_schedules_match_diffusers():
+    from ldm_sce.sampling import sigmas_exponential
+
+    sched = EulerDiscreteScheduler(**SCHED, use_exponential_sigmas=True)
+    sched.set_timesteps(12)
+    ac = sched.alphas_cumprod
+    torch.testing.assert_close(sigmas_exponential(ac, 12).float(), sched.sigmas.float(), rtol=1e-5, atol=0)
+
+
+def test_lms_coefficients_are_the_lagrange_integrals():
+    """Our exact polynomial integrals against a fine trapezoid quadrature of the same Lagrange basis."""
+    import numpy as np
+
+    from ldm_sce.sampling import _lms_coefficient
+
+    sig = np.array([14.6, 9.1, 5.2, 2.9, 1.4, 0.6])
+    for i, order in ((3, 4), (4, 3), (1, 2)):
+        nodes = [sig[i - k] for k in range(order)]
+        grid = np.linspace(sig[i], sig[i + 1], 200_001)
+        for j in range(order):
+            basis = np.prod([(grid - nodes[k]) / (nodes[j] - nodes[k]) for k in range(order) if k != j], axis=0)
+            ref = np.sum((basis[1:] + basis[:-1]) / 2 * np.diff(grid))
+            assert abs(_lms_coefficient(sig, i, j, order) - ref) < 1e-8 * max(1.0, abs(ref))
+
+
+def test_dpmpp_2m_sde_without_noise_is_dpmpp_2m():
+    from ldm_sce.sampling import sample_dpmpp_2m_sde
+
+    ac = torch.from_numpy(DDIMScheduler(**SCHED).alphas_cumprod.numpy())
+    eps_fn, _ = gaussian_toy(ac)
+    denoiser = Denoiser(eps_fn, ac)
+    x = batch_noise((1, 4, 8, 8), [3]).double()
+    sigmas = sigmas_karras(ac, 15)
+    a = sample_dpmpp_2m(denoiser, x * sigmas[0], sigmas)
+    b = sample_dpmpp_2m_sde(denoiser, x * sigmas[0], sigmas, lambda: 1 / 0, eta=0.0)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def _deterministic(name):
+    from ldm_sce import sampling as S
+
+    fns = {
+        "heun": S.sample_heun,
+        "lms": S.sample_lms,
+        "dpmpp_2s": lambda d, x, s: S.sample_dpmpp_2s_ancestral(d, x, s, None, eta=0.0),
+        "dpmpp_sde_ode": lambda d, x, s: S.sample_dpmpp_sde(d, x, s, None, eta=0.0),
+        "dpmpp_2m_sde_ode": lambda d, x, s: S.sample_dpmpp_2m_sde(d, x, s, None, eta=0.0),
+        "unipc": S.sample_unipc,
+    }
+    return fns[name]
+
+
+@pytest.mark.parametrize(
+    "name,order",
+    [("heun", 2), ("lms", 3), ("dpmpp_2s", 2), ("dpmpp_sde_ode", 2), ("dpmpp_2m_sde_ode", 2), ("unipc", 3)],
+)
+def test_more_ode_samplers_converge_at_their_order(name, order):
+    """On the Gaussian toy (noise-free limits of the stochastic ones): doubling the steps divides the error
+    by 2**order (UniPC: order 2 plus its corrector's one; LMS: its warm-up steps are of lower order, so
+    between 2^3 and 2^4, against the ODE's solution at sigma 0, which its last step integrates to)."""
+    ac = torch.from_numpy(DDIMScheduler(**SCHED).alphas_cumprod.numpy())
+    eps_fn, exact = gaussian_toy(ac)
+    denoiser = Denoiser(eps_fn, ac)
+    x = batch_noise((2, 4, 8, 8), [0, 1]).double()
+    fn = _deterministic(name)
+    errs = []
+    for steps in (20, 40, 80):
+        sigmas = sigmas_karras(ac, steps)
+        x_t = x * sigmas[0]
+        want = x_t * (0.25 / (0.25 + sigmas[0] ** 2)) ** 0.5 if name == "lms" else exact(x_t, sigmas)
+        errs.append((fn(denoiser, x_t, sigmas) - want).abs().max().item())
+    ratios = [errs[0] / errs[1], errs[1] / errs[2]]
+    assert all(0.85 * 2**order < r < 2.2 * 2**order for r in ratios), (errs, ratios)
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_2s_a", "ddpm"])
+def test_stochastic_samplers_sample_the_right_distribution(sampler):
+    """On the Gaussian toy x0 ~ N(0, s^2) the stochastic samplers' outputs have standard deviation s (8,192
+    values; 3% is about four standard errors). The first-order ones (Euler a, DDPM) need 300 steps for their
+    bias to fall under that (at 30 steps: 0.447 and 0.434), the DPM++ ones 100."""
+    from ldm_sce import sampling as S
+
+    ac = torch.from_numpy(DDIMScheduler(**SCHED).alphas_cumprod.numpy())
+    eps_fn, _ = gaussian_toy(ac, s=0.5)
+    denoiser = Denoiser(eps_fn, ac)
+    x = batch_noise((8, 4, 16, 16), list(range(8))).double()
+    noise = S.NoiseStream(tuple(x.shape), list(range(8)), torch.float64, "cpu")
+    steps = 300 if sampler in ("euler_a", "ddpm") else 100
+    if sampler == "ddpm":
+        z = S.sample_ddpm(denoiser, x, steps, noise)
+    else:
+        sigmas = sigmas_karras(ac, steps)
+        z = S._run_k_sampler(sampler, denoiser, x * sigmas[0], sigmas, noise, None, False)
+    assert abs(z.std().item() - 0.5) < 0.03 * 0.5, z.std().item()
+
+
+def test_a1111_sampler_names():
+    from ldm_sce.sampling import display_name, resolve_sampler
+
+    assert resolve_sampler("DPM++ 2M Karras") == ("dpmpp_2m", "karras")
+    assert resolve_sampler("dpm++ sde exponential") == ("dpmpp_sde", "exponential")
+    assert resolve_sampler("Euler a") == ("euler_a", None)
+    assert resolve_sampler("DPM++ 2S a Karras") == ("dpmpp_2s_a", "karras")
+    assert resolve_sampler("heun") == ("heun", None)
+    for bad in ("DDIM Karras", "DPM++ 3M", "euler b"):
+        with pytest.raises(ValueError, match="unknown sampler"):
+            resolve_sampler(bad)
+    assert display_name("dpmpp_2m") == "DPM++ 2M Karras" and display_name("euler") == "Euler"
+    assert display_name("dpmpp_sde", "exponential") == "DPM++ SDE Exponential" and display_name("ddim") == "DDIM"
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_unipc_matches_diffusers(pair, order):
+    from diffusers import UniPCMultistepScheduler
+
+    from ldm_sce.sampling import sample_unipc
+
+    ours, ref, pred = pair
+    c, uc = conds(ours)
+    x_t = batch_noise((2, 4, 8, 8), [5, 6])
+    sched = UniPCMultistepScheduler(**SCHED, prediction_type=pred, solver_order=order)
+    sched.set_timesteps(10)
+    theirs = diffusers_loop(ref, sched, x_t, c, uc, 5.0)
+    sigmas = sched.sigmas.double()  # its integer timesteps' sigmas, then 0
+    mine = sample_unipc(cfg_denoiser(ours, c, uc, 5.0), x_t * (1 + sigmas[0] ** 2).sqrt().float(), sigmas, order)
+    assert_close(mine, theirs, 1e-4)

@@ -298,6 +298,8 @@ def bench_infer(args) -> dict:
 
     variants = {"base": (False, None), "sc": (True, None), "csc1": (False, 1), "csc3": (False, 3), "sc+csc1": (True, 1)}
     runners = {name: (lambda sc=sc, csc=csc: forward(sc, csc)) for name, (sc, csc) in variants.items()} | runners
+    extra_runners, extra_parts = lora_and_tuner_set_runners(cfg, unet, sc_slots, args, (x, t, ctx), extra_ours)
+    runners |= extra_runners
     with torch.inference_mode():
         alternate(runners, 1)  # warm-up round
         times = alternate(runners, args.runs)
@@ -325,6 +327,13 @@ def bench_infer(args) -> dict:
                 edits(sc, csc)
                 ts.append(time.perf_counter() - start)
             isolated[name] = statistics.median(ts[1:])
+        for name, part in extra_parts.items():  # what a LoRA adds per forward, what a second tuner set adds
+            ts = []
+            for _ in range(6):
+                start = time.perf_counter()
+                part(skips)
+                ts.append(time.perf_counter() - start)
+            isolated[name] = statistics.median(ts[1:])
     return {
         "bench": "unet_forward_with_tuners",
         "preset": args.preset,
@@ -339,6 +348,57 @@ def bench_infer(args) -> dict:
         "isolated_overhead_vs_base": {name: isolated[name] / med["base"] for name in isolated},
         "hint_seconds_once_per_image": hint_seconds,
     }
+
+
+def lora_and_tuner_set_runners(cfg, unet, sc_slots, args, inputs, extra) -> dict:
+    """With --lora-rank R: the UNet with a rank-R LoRA on every attention and feed-forward linear (kohya's
+    default targets) applied on the fly (a second UNet with the same weights), also with the SC-Tuners; and
+    two SC-Tuner sets on every skip (a TunerSet, summed)."""
+    import copy
+
+    from ldm_sce.lora import LoRALayer, apply_lora, unet_lora_targets
+    from ldm_sce.tuners import SCTuner, SkipIdentity, TunerSet
+
+    if not args.lora_rank:
+        return {}, {}
+    lora_unet = copy.deepcopy(unet)
+    lora_unet.replace_tuners(copy.deepcopy(sc_slots))
+    lora_unet.replace_controllers([])
+    g = torch.Generator().manual_seed(1)
+    layers = []
+    for target in {id(t.module): t for t in unet_lora_targets(lora_unet).values()}.values():
+        w = target.shape
+        if len(w) == 2 and ".transformer_blocks." in target.name:
+            down = torch.randn(args.lora_rank, w[1], generator=g) * 0.01
+            layers.append(LoRALayer(target, down, torch.randn(w[0], args.lora_rank, generator=g) * 0.01, 1.0))
+    apply_lora(layers)
+    second = [SCTuner(t.ln1.in_features) for t in sc_slots]
+    for tuner in second:
+        for p in tuner.parameters():
+            p.data.normal_(0, 0.02)
+    sets = [TunerSet([a, b], [0.8, 0.5]) for a, b in zip(sc_slots, second, strict=True)]
+    x, t, ctx = inputs
+
+    def with_lora(sc: bool) -> torch.Tensor:
+        lora_unet.replace_tuners(copy.copy(sc_slots) if sc else [SkipIdentity() for _ in sc_slots])
+        return lora_unet(x, t, ctx, **extra)
+
+    def two_sets() -> torch.Tensor:
+        unet.replace_tuners(sets)
+        unet.replace_controllers([])
+        return unet(x, t, ctx, **extra)
+
+    def lora_weights(_skips) -> None:  # the parametrizations: every LoRA layer's W + up @ down, once per forward
+        for target in {id(layer.target.module): layer.target for layer in layers}.values():
+            target.module.weight  # noqa: B018 (computes the parametrized weight)
+
+    def set_edits(skips) -> None:
+        for m, skip in enumerate(skips):
+            sets[m](skip, 1.0)
+
+    name = f"lora{args.lora_rank}"
+    runners = {name: lambda: with_lora(False), f"sc+{name}": lambda: with_lora(True), "sc_x2": two_sets}
+    return runners, {name: lora_weights, "sc_x2": set_edits}
 
 
 def _rss_mb() -> float:
@@ -790,6 +850,9 @@ def main() -> None:
     sub.choices["unet-one"].add_argument("--impl", choices=("ldm_sce", "diffusers"), required=True)
     add("infer", "UNet forward without / with SC-Tuners and CSC-Tuner controllers", runs=3)
     sub.choices["infer"].add_argument("--peers", action="store_true", help="also diffusers' UNet and UNet + ControlNet")
+    sub.choices["infer"].add_argument(
+        "--lora-rank", type=int, default=0, help="also a LoRA of this rank on the fly, and two SC-Tuner sets"
+    )
     add("step", "seconds per DDIM+CFG sampling step: ldm_sce.sample vs diffusers' pipeline", runs=2, batch=None)
     sub.choices["step"].add_argument("--steps", type=int, default=3)
     sub.choices["step"].add_argument(

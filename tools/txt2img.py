@@ -59,6 +59,8 @@ def main(args: argparse.Namespace) -> None:
                 tuning=tuning,
                 progress=not args.quiet,
                 spacing=cli.spacing(model, args),
+                schedule=args.schedule,
+                guidance_rescale=args.guidance_rescale,
             )
             batch_images = to_pil(cli.decode(model, z, args))
 
@@ -69,6 +71,7 @@ def main(args: argparse.Namespace) -> None:
                     "negative_prompt": args.negative_prompt,
                     "steps": args.ddim_steps,
                     "sampler": args.sampler,
+                    "schedule": args.schedule,
                     "scale": args.scale,
                     "seed": s,
                     "width": args.W,
@@ -92,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_common_args(p)
     cli.add_tuner_args(p)
+    p.add_argument(
+        "--from-png", help="replay the parameters of a PNG made by this project or AUTOMATIC1111 (flags given win)"
+    )
     p.add_argument("--H", type=int, help="image height in pixels (default: the model's own, e.g. 512 for SD1)")
     p.add_argument("--W", type=int, help="image width in pixels (default: the model's own, e.g. 512 for SD1)")
     return p
