@@ -3,11 +3,14 @@ conditions. Every random choice of an item (caption dropout, canny thresholds, i
 from a generator seeded by (seed, epoch, index), so a run is reproducible and resumable by step count.
 
 Layouts (`data.path`):
-- a folder of images, each with a same-name `.txt` caption (missing caption: empty);
+- a folder of images, each with a same-name `.txt` caption (`data.caption_extension`; missing caption:
+  empty); subfolders named `N_name` (kohya's layout) hold images repeated N times per epoch;
 - a folder holding `train.csv` (scepter: header `Target:FILE,Prompt`, paths relative to the folder);
 - a folder holding `metadata.jsonl` (lines `{"file_name": ..., "text": ...}`), or that file itself.
 Conditions: made on the fly from the image (canny, color, inpaint) or read from `condition_dir` (same
 file name) for precomputed ones (depth, HED, segmentation, pose).
+Captions as kohya's sd-scripts treat them: comma-separated tags, the first `keep_tokens` fixed, the others
+dropped with probability `tag_dropout` and then shuffled (`shuffle_caption`), per item and epoch.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +40,12 @@ class Item:
     caption: str
 
 
-def scan(path: str | Path) -> list[Item]:
-    """The items of a dataset in one of the layouts above; ConfigError naming the problem otherwise."""
+_REPEATS = re.compile(r"^(\d+)_(.+)$")
+
+
+def scan(path: str | Path, caption_extension: str = ".txt") -> list[Item]:
+    """The items of a dataset in one of the layouts above (an image of an `N_name` folder N times);
+    ConfigError naming the problem otherwise."""
     path = Path(path)
     if path.is_file() and path.suffix == ".jsonl":
         return _jsonl(path)
@@ -47,13 +55,37 @@ def scan(path: str | Path) -> list[Item]:
         return _jsonl(path / "metadata.jsonl")
     if (path / "train.csv").is_file():
         return _csv(path / "train.csv")
-    items = []
-    for image in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS):
-        txt = image.with_suffix(".txt")
-        items.append(Item(image, _read_text(txt).strip() if txt.is_file() else ""))
+    items = _folder(path, caption_extension)
+    for sub in sorted(p for p in path.iterdir() if p.is_dir() and _REPEATS.match(p.name)):
+        repeats = int(_REPEATS.match(sub.name)[1])
+        if repeats < 1 or repeats > 10_000:
+            raise ConfigError(f"{sub}: a repeat count of {repeats} (the folder name's number must be 1..10000)")
+        items += [item for item in _folder(sub, caption_extension) for _ in range(repeats)]
     if not items:
         raise ConfigError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTS))}) found")
     return items
+
+
+def _folder(path: Path, caption_extension: str) -> list[Item]:
+    items = []
+    for image in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS):
+        txt = image.with_suffix(caption_extension)
+        items.append(Item(image, _read_text(txt).strip() if txt.is_file() else ""))
+    return items
+
+
+def process_caption(caption: str, rng: np.random.Generator, keep_tokens: int, tag_dropout: float, shuffle: bool):
+    """kohya's caption handling: tags split at commas; the first keep_tokens kept in place; each other tag
+    dropped with probability tag_dropout, the rest shuffled if asked; joined with ", "."""
+    if not (shuffle or tag_dropout):
+        return caption
+    tags = [t.strip() for t in caption.strip().split(",")]
+    fixed, flex = tags[:keep_tokens], tags[keep_tokens:]
+    if tag_dropout:
+        flex = [t for t in flex if rng.random() >= tag_dropout]
+    if shuffle:
+        flex = [flex[k] for k in rng.permutation(len(flex))]
+    return ", ".join(fixed + flex)
 
 
 def _read_text(path: Path) -> str:
@@ -116,6 +148,9 @@ class TrainDataset(torch.utils.data.Dataset):
         trigger: str = "",
         suffix: str = "",
         caption_dropout: float = 0.0,
+        shuffle_caption: bool = False,
+        keep_tokens: int = 0,
+        tag_dropout: float = 0.0,
         condition: str | None = None,
         condition_dir: str | None = None,
         random_thresholds: bool = False,
@@ -123,6 +158,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.items, self.resolution, self.seed = items, resolution, seed
         self.cond_resolution = cond_resolution or resolution
         self.trigger, self.suffix, self.caption_dropout = trigger, suffix, caption_dropout  # prefix, suffix
+        self.shuffle_caption, self.keep_tokens, self.tag_dropout = shuffle_caption, keep_tokens, tag_dropout
         self.condition, self.condition_dir, self.random_thresholds = condition, condition_dir, random_thresholds
         self.bad: set[Path] = set()
 
@@ -142,7 +178,8 @@ class TrainDataset(torch.utils.data.Dataset):
             self.bad.add(item.image)
             return None
         dropped = rng.random() < self.caption_dropout
-        caption = "" if dropped else self.trigger + item.caption + self.suffix
+        text = process_caption(item.caption, rng, self.keep_tokens, self.tag_dropout, self.shuffle_caption)
+        caption = "" if dropped else self.trigger + text + self.suffix
         arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         # SDXL's micro-conditioning, as it was trained: the original size, the crop and the target size
         sizes = torch.tensor([original.height, original.width, top, left, self.resolution, self.resolution])

@@ -3,7 +3,9 @@ uses it, what it exports and what its validation images need. The trainer (`trai
 checkpoints and DDP; `tools/bench.py` builds its methods here too. A new method is one class and one entry
 in `METHODS`.
 
-- `sc`: SC-Tuners on the chosen skips (paper eq. 5-6), exported as a tuner file;
+- `sc`: SC-Tuners on the chosen skips (paper eq. 5-6), exported as a tuner file; with `text_lora_rank`, also
+  a LoRA on the first text encoder's q/k/v/out_proj and mlp.fc1/fc2 (scepter Studio's TEXT_SCE: rank 256),
+  in the same file;
 - `csc`: a CSC-Tuner controller (eq. 7) trained on condition images, exported as a tuner file;
 - `lora`: the LoRA baseline (Hu et al. 2021) on the attention q/k/v/out and feed-forward linears;
 - `full`: the whole UNet, exported as a whole checkpoint.
@@ -42,6 +44,8 @@ class MethodSection:
     condition: str | None = None  # csc: canny | color | inpaint | raw, made from each image on the fly
     random_thresholds: bool = False  # csc canny: thresholds 50-100 / 200-350
     lora_rank: int = 64  # lora: rank on attention q/k/v/out and the feed-forward
+    text_lora_rank: int = 0  # sc: a LoRA of this rank on the first text encoder too (TEXT_SCE: 256); 0: none
+    text_lora_alpha: float | None = None  # sc: its alpha (scale alpha / rank); None: the rank
 
 
 class Method(ABC):
@@ -71,6 +75,11 @@ class Method(ABC):
         """The UNet's tuning in a training step, from the batch's condition images [B, 3, H, W] in [0, 1]."""
         return None
 
+    def attach_text(self, model: LatentDiffusion) -> list[nn.Parameter]:
+        """Attach what trains in the text encoder (none by default) and return its parameters; the trainer
+        then encodes captions with gradients."""
+        return []
+
     def validation_tuning(self, image: Image.Image | None, size: tuple[int, int]) -> Tuning | None:
         """The tuning for a validation image made with control image `image` at condition size (h, w)."""
         return None
@@ -89,17 +98,63 @@ def _train(params: list[nn.Parameter]) -> list[nn.Parameter]:
 class SCMethod(Method):
     name, export_name = "sc", "sc_tuner.safetensors"
 
+    def __init__(self, cfg: MethodSection):
+        super().__init__(cfg)
+        self.text_loras: dict[str, LoRAWeight] = {}  # kohya name -> the LoRA of that text-encoder layer
+
     @classmethod
     def check(cls, cfg: MethodSection, condition_dir: str | None) -> list[str]:
-        return [] if cfg.op in ("linear", "conv") else [f"method.op must be linear or conv, got {cfg.op!r}"]
+        errors = [] if cfg.op in ("linear", "conv") else [f"method.op must be linear or conv, got {cfg.op!r}"]
+        if type(cfg.text_lora_rank) is not int or not 0 <= cfg.text_lora_rank <= 4096:
+            errors.append(f"method.text_lora_rank must be an integer in 0..4096, got {cfg.text_lora_rank!r}")
+        alpha = cfg.text_lora_alpha
+        if alpha is not None and not (type(alpha) in (int, float) and 0 < alpha <= 1e6):
+            errors.append(f"method.text_lora_alpha must be a positive number or null, got {alpha!r}")
+        return errors
 
     def attach(self, unet: UNetModel) -> list[nn.Parameter]:
         tuners = unet.attach_sc_tuners(self.cfg.down_ratio, self.cfg.skips, self.cfg.op, dtype=torch.float32)
         return _train([p for t in tuners for p in t.parameters()])
 
+    def attach_text(self, model: LatentDiffusion) -> list[nn.Parameter]:
+        """TEXT_SCE: a LoRA on the first text encoder's projections (CLIP ViT-L: SD1's, SDXL's first tower)."""
+        from torch.nn.utils import parametrize
+
+        rank = self.cfg.text_lora_rank
+        if not rank:
+            return []
+        text = model.conditioner.embedders[0] if model.cfg.family == "sdxl" else model.cond_stage_model
+        if not hasattr(text, "transformer"):
+            raise ValueError("method.text_lora_rank: the text LoRA is for CLIP ViT-L towers (SD1, SDXL), not SD2's")
+        params = []
+        for n, layer in enumerate(text.transformer.text_model.encoder.layers):
+            for sub in (
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.out_proj",
+                "mlp.fc1",
+                "mlp.fc2",
+            ):
+                linear = layer.get_submodule(sub)
+                w = linear.weight
+                lora = LoRAWeight(w.shape[0], w.shape[1], rank, self.cfg.text_lora_alpha).to(w.device)
+                parametrize.register_parametrization(linear, "weight", lora)
+                self.text_loras[f"lora_te_text_model_encoder_layers_{n}_{sub.replace('.', '_')}"] = lora
+                params += [lora.lora_A, lora.lora_B]
+        return _train(params)
+
     def export(self, model: LatentDiffusion, out_dir: Path, summary: dict) -> Path:
         path = out_dir / self.export_name
-        save_tuner_file(sc_tuner_file(model, summary), path, overwrite=True)
+        tf = sc_tuner_file(model, summary)
+        if self.text_loras:  # in kohya's layout, as a converted TEXT_SCE file
+            alpha = float(self.cfg.text_lora_alpha or self.cfg.text_lora_rank)
+            for name, lora in self.text_loras.items():
+                tf.state_dict[f"{name}.lora_down.weight"] = lora.lora_A.detach()
+                tf.state_dict[f"{name}.lora_up.weight"] = lora.lora_B.detach()
+                tf.state_dict[f"{name}.alpha"] = torch.tensor(alpha)
+            tf.text_lora = {"rank": self.cfg.text_lora_rank, "alpha": alpha}
+        save_tuner_file(tf, path, overwrite=True)
         return path
 
 

@@ -33,6 +33,10 @@ class DataSection:
     trigger: str = ""  # prefix of every caption, e.g. "<sce> "
     suffix: str = ""  # appended to every caption, e.g. " zqx style" (kohya's caption_suffix)
     caption_dropout: float = 0.0
+    caption_extension: str = ".txt"  # the caption file beside each image (kohya's caption_extension)
+    shuffle_caption: bool = False  # shuffle the comma-separated tags of each caption (kohya's shuffle_caption)
+    keep_tokens: int = 0  # the first N tags stay first and are never shuffled or dropped (kohya's keep_tokens)
+    tag_dropout: float = 0.0  # drop each other tag with this probability (kohya's caption_tag_dropout_rate)
     condition_dir: str | None = None
     cache: bool = False  # keep VAE posteriors and text features in memory (small datasets)
 
@@ -60,18 +64,33 @@ class ValidationSection:
 
 
 @dataclass
+class EmaSection:
+    """An exponential moving average of the trainable weights: ema = decay * ema + (1 - decay) * w after
+    every step from `start_step` on (before it, ema = w). decay 0: off. export: the exported tuner holds the
+    EMA weights (validation images too), else the trained ones."""
+
+    decay: float = 0.0
+    start_step: int = 0
+    export: bool = True
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     method: MethodSection = field(default_factory=MethodSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
+    ema: EmaSection = field(default_factory=EmaSection)
     precision: str = "fp32"  # fp32 | bf16 | fp16
     gradient_checkpointing: bool = False  # recompute decoder blocks in backward (less memory, more time)
     compile: str = "none"  # torch.compile the UNet: none | blocks (its ResBlocks and transformer blocks) | full
     # offset noise (kohya's and diffusers' --noise_offset): add offset * N(0, 1) per image and channel to the
     # noise, so the model cannot read the image's mean colour from the noise's at high t (0.1 is usual)
     noise_offset: float = 0.0
+    # min-SNR-gamma loss weighting (Hang et al. 2023): each sample's loss times min(SNR_t, gamma) / SNR_t for eps
+    # prediction, / (SNR_t + 1) for v; 0: off (plain MSE). 5 is the paper's value.
+    min_snr_gamma: float = 0.0
     seed: int = 0
     output_dir: str = "outputs/train"
     save_every: int = 500  # 0: only at the end
@@ -102,6 +121,15 @@ class TrainConfig:
             _number("optim.eps", o.eps, 0.0, 1.0, low_open=True),
             _number("data.caption_dropout", d.caption_dropout, 0.0, 1.0),
             _number("noise_offset", self.noise_offset, 0.0, 10.0),
+            _number("min_snr_gamma", self.min_snr_gamma, 0.0, 1000.0),
+            _number("ema.decay", self.ema.decay, 0.0, 1.0),
+            "ema.decay must be below 1 (1 would never move)" if self.ema.decay == 1.0 else "",
+            _integer("ema.start_step", self.ema.start_step, 0),
+            _number("data.tag_dropout", d.tag_dropout, 0.0, 1.0),
+            _integer("data.keep_tokens", d.keep_tokens, 0),
+            "data.caption_extension must start with '.' (e.g. .txt, .caption)"
+            if not d.caption_extension.startswith(".")
+            else "",
             _number("validation.scale", v.scale, 0.0, 100.0),
             _integer("optim.batch_size", o.batch_size, 1),
             _integer("optim.grad_accum", o.grad_accum, 1),
@@ -145,6 +173,7 @@ _SECTIONS = {
     "data": DataSection,
     "optim": OptimSection,
     "validation": ValidationSection,
+    "ema": EmaSection,
 }
 
 
@@ -189,9 +218,12 @@ def config_changes(saved: dict, current: TrainConfig) -> tuple[list[str], list[s
     each as 'key: saved -> current'."""
     now = _flatten(dataclasses.asdict(current))
     before = _flatten(saved)
+    defaults = _flatten(dataclasses.asdict(TrainConfig()))
     breaking, harmless = [], []
     for key in sorted(set(now) | set(before)):
         a, b = before.get(key, "<absent>"), now.get(key, "<absent>")
+        if a == "<absent>" and b == defaults.get(key, "<absent>"):
+            continue  # a setting newer than the checkpoint, at its default: the run computes as before
         if a != b:
             line = f"{key}: {a!r} -> {b!r}"
             (harmless if key in RESUMABLE or key.startswith(RESUMABLE_SECTIONS) else breaking).append(line)

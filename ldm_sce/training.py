@@ -67,9 +67,9 @@ class TrainStep(nn.Module):
     """The differentiable part of a step, as one module (DDP wraps it): latents, text features and
     condition images in, loss out."""
 
-    def __init__(self, model: LatentDiffusion, method: Method):
+    def __init__(self, model: LatentDiffusion, method: Method, min_snr_gamma: float = 0.0):
         super().__init__()
-        self.model, self.method = model, method
+        self.model, self.method, self.min_snr_gamma = model, method, min_snr_gamma
 
     def forward(
         self,
@@ -80,7 +80,19 @@ class TrainStep(nn.Module):
         cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         out = self.model.apply_model(x_t, t, c, self.method.tuning(cond))
-        return F.mse_loss(out.float(), target.float())
+        if not self.min_snr_gamma:
+            return F.mse_loss(out.float(), target.float())
+        per_sample = (out.float() - target.float()).pow(2).mean(dim=list(range(1, out.ndim)))  # [B]
+        return (min_snr_weights(self.model, t, self.min_snr_gamma) * per_sample).mean()
+
+
+def min_snr_weights(model: LatentDiffusion, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al. 2023) per sample: min(SNR_t, gamma) / SNR_t for eps prediction, and
+    min(SNR_t, gamma) / (SNR_t + 1) for v (the v loss is the eps loss times SNR + 1), SNR_t = a_t / (1 - a_t)."""
+    a = model.alphas_cumprod.to(t.device, torch.float64)[t]
+    snr = a / (1 - a)
+    clipped = snr.clamp(max=gamma)
+    return (clipped / (snr + 1 if model.parameterization == "v" else snr)).float()
 
 
 class Trainer:
@@ -111,11 +123,19 @@ class Trainer:
         unet = self.model.model.diffusion_model
         self.method = build_method(cfg.method)
         self.params = self.method.attach(unet)
+        try:
+            text_params = self.method.attach_text(self.model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.trains_text = bool(text_params)
+        if self.trains_text and cfg.data.cache:
+            raise ConfigError("data.cache keeps text features fixed: it cannot be used with method.text_lora_rank")
+        self.params += text_params
         unet.checkpoint_decoder = cfg.gradient_checkpointing
         compile_unet(unet, cfg.compile)
         self._posteriors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # data.cache: item -> (mean, std)
         self._texts: dict[str, torch.Tensor] = {}  # data.cache: caption -> features
-        self.step_module = TrainStep(self.model, self.method)
+        self.step_module = TrainStep(self.model, self.method, cfg.min_snr_gamma)
         self.ddp = (
             nn.parallel.DistributedDataParallel(
                 self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -132,19 +152,23 @@ class Trainer:
         # -- data --
         d = cfg.data
         self.data = TrainDataset(
-            scan(d.path),
+            scan(d.path, d.caption_extension),
             d.resolution,
             cond_resolution=self.model.cfg.condition_size(d.resolution, d.resolution)[0],
             seed=cfg.seed,
             trigger=d.trigger,
             suffix=d.suffix,
             caption_dropout=d.caption_dropout,
+            shuffle_caption=d.shuffle_caption,
+            keep_tokens=d.keep_tokens,
+            tag_dropout=d.tag_dropout,
             condition=self.method.data_condition,
             condition_dir=d.condition_dir,
             random_thresholds=cfg.method.random_thresholds,
         )
         self._check_images()
         self.step = 0
+        self.ema = [p.detach().clone().float() for p in self.params] if cfg.ema.decay else None
         if state is not None:
             self._restore(state)
 
@@ -237,7 +261,9 @@ class Trainer:
         noise = noise.to(dev)
         x_t = model.q_sample(z0, t, noise)
         target = noise if model.parameterization == "eps" else model.get_v(z0, noise, t)
-        out = {"x_t": x_t, "t": t, "c": self._conditioning(batch), "target": target}
+        text = {k: batch[k] for k in ("caption", "dropped", "sizes")}
+        c = None if self.trains_text else self._conditioning(text)  # text LoRA: encoded with gradients later
+        out = {"x_t": x_t, "t": t, "c": c, "text": text, "target": target}
         if "cond" in batch:
             out["cond"] = batch["cond"].to(dev)
         out["weight"] = len(rows) / share  # share of this rank's slots that held a readable image
@@ -266,10 +292,10 @@ class Trainer:
 
     def _text(self, captions: list[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Text features of the captions (SDXL: context and pooled); cached with data.cache."""
-        encode = (
+        encode = (  # the encoders themselves (get_learned_conditioning is no_grad: a text LoRA trains here)
             self.model.conditioner.encode_text
             if self.model.cfg.family == "sdxl"
-            else self.model.get_learned_conditioning
+            else self.model.cond_stage_model.encode
         )
         if not self.cfg.data.cache:
             return encode(captions)
@@ -307,9 +333,9 @@ class Trainer:
                     with torch.autocast(
                         self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
                     ):
+                        c = batch["c"] if batch["c"] is not None else self._conditioning(batch["text"])
                         loss = (
-                            self.ddp(batch["x_t"], batch["t"], batch["c"], batch["target"], batch.get("cond"))
-                            * batch["weight"]
+                            self.ddp(batch["x_t"], batch["t"], c, batch["target"], batch.get("cond")) * batch["weight"]
                         )
                     losses.append(loss.item())
                     if not math.isfinite(losses[-1]):
@@ -319,6 +345,7 @@ class Trainer:
             self.scaler.update()
             self.sched.step()
             self.step += 1
+            self._update_ema()
             bar.update(1)
             loss_value = float(np.mean(losses)) if losses else None  # None: every image was unreadable
             bar.set_postfix(loss="-" if loss_value is None else f"{loss_value:.4f}")
@@ -354,6 +381,37 @@ class Trainer:
         if cfg.validation.prompts and not (cfg.validation.every and self.step % cfg.validation.every == 0):
             self.sample_validation()  # the final step was not validated in the loop
         return path
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """ema = decay * ema + (1 - decay) * w after steps past ema.start_step; before, ema = w."""
+        if self.ema is None:
+            return
+        decay = self.cfg.ema.decay if self.step > self.cfg.ema.start_step else 0.0
+        for e, p in zip(self.ema, self.params, strict=True):
+            e.mul_(decay).add_(p.detach().float(), alpha=1.0 - decay)
+
+    def _ema_weights(self):
+        """A context in which the trainable parameters hold the EMA weights (with ema.export), restored after."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def swap():
+            if self.ema is None or not self.cfg.ema.export:
+                yield
+                return
+            saved = [p.detach().clone() for p in self.params]
+            with torch.no_grad():
+                for p, e in zip(self.params, self.ema, strict=True):
+                    p.copy_(e)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for p, w in zip(self.params, saved, strict=True):
+                        p.copy_(w)
+
+        return swap()
 
     def _diverged(self, what: str) -> str:
         o = self.cfg.optim
@@ -394,11 +452,20 @@ class Trainer:
             "suffix": self.cfg.data.suffix,
             "base_ckpt": self.cfg.model.ckpt,
         }
-        return self.method.export(self.model, self.out, summary)
+        if self.ema is not None:
+            summary["ema"] = {"decay": self.cfg.ema.decay, "start_step": self.cfg.ema.start_step}
+            summary["ema"]["exported"] = self.cfg.ema.export
+        with self._ema_weights():
+            return self.method.export(self.model, self.out, summary)
 
     @torch.no_grad()
     def sample_validation(self) -> Path:
-        """A grid of the validation prompts (rows) x seeds (columns) at this step, in validation/step-N.png."""
+        """A grid of the validation prompts (rows) x seeds (columns) at this step, in validation/step-N.png
+        (with the EMA weights when those are exported)."""
+        with self._ema_weights():
+            return self._sample_validation()
+
+    def _sample_validation(self) -> Path:
         from .images import load_image, make_grid, to_pil
         from .sampling import sample
 
@@ -439,6 +506,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": _rng_state(),
             "config": dataclasses.asdict(self.cfg),
+            "ema": self.ema,
         }
         path = ckpt_dir / f"step-{self.step:06d}.pt"
         tmp = path.with_name(path.name + ".tmp")
@@ -497,6 +565,12 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.step = state["step"]
+        if self.ema is not None:
+            saved = state.get("ema")
+            if saved is None:  # a checkpoint of a run without EMA: it starts from the weights now
+                log.warning("%s holds no EMA weights: the EMA starts from the resumed weights", state["path"])
+                saved = [p.detach().float() for p in self.params]
+            self.ema = [e.clone().float() for e in saved]
 
 
 def lr_factor(step: int, o: OptimSection) -> float:

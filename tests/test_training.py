@@ -172,7 +172,18 @@ def test_shipped_training_configs_validate(tiny_ckpts, dataset, tmp_path):
             condition,
         )
         assert cfg.method.kernel == (3 if method == "csc" else 1)
-    assert {p.stem for p in (ROOT / "configs" / "train").glob("*.yaml")} == {*expected, "tiny_sc"}
+    photos = load_train_config(ROOT / "configs" / "train" / "sd15_512_photos_text_sce.yaml")  # the photo-set example
+    assert (photos.method.text_lora_rank, photos.min_snr_gamma, photos.ema.decay, photos.data.keep_tokens) == (
+        256,
+        5.0,
+        0.999,
+        1,
+    )
+    assert {p.stem for p in (ROOT / "configs" / "train").glob("*.yaml")} == {
+        *expected,
+        "tiny_sc",
+        photos.output_dir.split("/")[-1],
+    }
     tiny = load_train_config(
         ROOT / "configs" / "train" / "tiny_sc.yaml",
         [

@@ -1,0 +1,193 @@
+"""Training options for real photo sets (kohya's and diffusers' scripts have them): min-SNR-gamma loss
+weighting, an EMA of the trainable weights, kohya's caption handling and folder repeats, and scepter Studio's
+TEXT_SCE (a text-encoder LoRA trained with the SC-Tuners, one exported file)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import train_config as write_config
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ldm_sce import ConfigError, load_model
+from ldm_sce.data import process_caption, scan
+from ldm_sce.training import Trainer, load_train_config, min_snr_weights
+from ldm_sce.tuner_files import load_tuner, read_tuner_file
+
+
+def schedule(n=1000, start=0.00085, end=0.012):
+    """alphas_cumprod of SD's scaled-linear schedule, computed here in numpy."""
+    betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
+    return np.cumprod(1 - betas)
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_min_snr_weights_are_the_formula(tiny_ckpts, parameterization):
+    model = load_model(tiny_ckpts["sd1"][1], config="tiny-sd1", parameterization=parameterization)
+    t = torch.tensor([0, 10, 100, 400, 999])
+    a = schedule()[t.numpy()]
+    snr = a / (1 - a)
+    expected = np.minimum(snr, 5.0) / (snr + 1 if parameterization == "v" else snr)
+    np.testing.assert_allclose(min_snr_weights(model, t, 5.0).numpy(), expected, rtol=1e-4)  # fp32 schedule
+    assert expected[0] < 0.01 and expected[-1] == pytest.approx(
+        1.0 if parameterization == "eps" else snr[-1] / (snr[-1] + 1)
+    )
+
+
+def test_min_snr_loss_is_the_weighted_mean_of_per_sample_losses(tiny_ckpts, dataset, tmp_path):
+    path = write_config(tmp_path, tiny_ckpts["sd1"][1], dataset, min_snr_gamma=5.0)
+    trainer = Trainer(load_train_config(path))
+    b = trainer._prepare(4)
+    with torch.no_grad():
+        loss = trainer.step_module(b["x_t"], b["t"], b["c"], b["target"]).item()
+        out = trainer.model.apply_model(b["x_t"], b["t"], b["c"])
+    per = ((out - b["target"]) ** 2).mean(dim=(1, 2, 3))
+    assert loss == pytest.approx((min_snr_weights(trainer.model, b["t"], 5.0) * per).mean().item(), rel=1e-6)
+
+
+def test_ema_follows_its_recurrence_exports_and_resumes_exactly(tiny_ckpts, dataset, tmp_path):
+    ckpt = tiny_ckpts["sd1"][1]
+    ema = {"decay": 0.9, "start_step": 1, "export": True}
+    a = tmp_path / "a"
+    a.mkdir()
+    cfg = load_train_config(write_config(a, ckpt, dataset, optim={"max_steps": 4}, save_every=1, keep_last=10, ema=ema))
+    Trainer(cfg).train()
+    steps = [torch.load(a / "out" / "checkpoints" / f"step-{s:06d}.pt", weights_only=True) for s in (1, 2, 3, 4)]
+    expected = [p.clone() for p in steps[0]["params"]]  # step 1 <= start_step: the weights themselves
+    for state in steps[1:]:
+        expected = [0.9 * e + 0.1 * p for e, p in zip(expected, state["params"], strict=True)]
+    for e, saved in zip(expected, steps[-1]["ema"], strict=True):
+        torch.testing.assert_close(saved, e, rtol=1e-6, atol=1e-8)
+    exported = load_file(a / "out" / "sc_tuner.safetensors")
+    trained = steps[-1]["params"]
+    assert not all(torch.equal(x, y) for x, y in zip(steps[-1]["ema"], trained, strict=True))
+    assert len(exported) == len(trained)
+    assert read_tuner_file(a / "out" / "sc_tuner.safetensors").training["ema"] == {
+        "decay": 0.9,
+        "start_step": 1,
+        "exported": True,
+    }
+    # the exported tuner holds the EMA weights, in the order the trainer keeps its parameters
+    ordered = [
+        exported[k]
+        for m in sorted({int(k.split(".")[1]) for k in exported})
+        for k in (f"tuners.{m}.ln1.weight", f"tuners.{m}.ln1.bias", f"tuners.{m}.ln2.weight", f"tuners.{m}.ln2.bias")
+    ]
+    assert all(torch.equal(x, e) for x, e in zip(ordered, steps[-1]["ema"], strict=True))
+    # resumed from step 2: the same EMA, bitwise
+    b = tmp_path / "b"
+    b.mkdir()
+    cfg_b = load_train_config(write_config(b, ckpt, dataset, optim={"max_steps": 2}, save_every=2, ema=ema))
+    Trainer(cfg_b).train()
+    cfg_b.optim.max_steps = 4
+    Trainer(cfg_b, resume="latest").train()
+    ours, again = load_file(a / "out" / "sc_tuner.safetensors"), load_file(b / "out" / "sc_tuner.safetensors")
+    assert all(torch.equal(ours[k], again[k]) for k in ours)
+
+
+def test_kohya_caption_handling():
+    rng = np.random.default_rng(0)
+    caption = "sks dog, outdoors, grass, sunny, smiling"
+    assert process_caption(caption, rng, 1, 0.0, False) == caption  # nothing asked: unchanged
+    shuffled = process_caption(caption, np.random.default_rng(1), 1, 0.0, True)
+    assert shuffled.split(", ")[0] == "sks dog" and sorted(shuffled.split(", ")) == sorted(caption.split(", "))
+    outs = {process_caption(caption, np.random.default_rng(s), 2, 0.0, True) for s in range(20)}
+    assert len(outs) > 1 and all(o.startswith("sks dog, outdoors, ") for o in outs)
+    dropped = [process_caption(caption, np.random.default_rng(s), 1, 0.5, False) for s in range(200)]
+    kept = np.mean([len(d.split(", ")) - 1 for d in dropped]) / 4
+    assert all(d.startswith("sks dog") for d in dropped) and 0.4 < kept < 0.6  # each of the 4 others: p = 0.5
+    assert process_caption(caption, np.random.default_rng(3), 1, 0.5, True) == process_caption(
+        caption, np.random.default_rng(3), 1, 0.5, True
+    )  # determined by the item's generator
+
+
+def test_folder_repeats_and_caption_extension(tmp_path):
+    for folder, n in (("", 1), ("3_dogs", 2), ("1_cats", 1)):
+        d = tmp_path / folder
+        d.mkdir(exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(d / f"{folder or 'top'}{i}.png")
+            (d / f"{folder or 'top'}{i}.caption").write_text(f"{folder} {i}")
+    items = scan(tmp_path, ".caption")
+    assert len(items) == 1 + 3 * 2 + 1
+    assert sum(1 for it in items if it.image.parent.name == "3_dogs") == 6
+    assert {it.caption for it in items if it.image.parent.name == "3_dogs"} == {"3_dogs 0", "3_dogs 1"}
+    assert scan(tmp_path)[0].caption == ""  # .txt asked: no caption files of that name
+    (tmp_path / "0_none").mkdir()
+    with pytest.raises(ConfigError, match="repeat count of 0"):
+        scan(tmp_path)
+
+
+def test_text_sce_training_exports_one_file_that_loads_back(tiny_ckpts, dataset, tmp_path):
+    ckpt = tiny_ckpts["sd1"][1]
+    path = write_config(tmp_path, ckpt, dataset, method={"name": "sc", "text_lora_rank": 4}, optim={"max_steps": 2})
+    trainer = Trainer(load_train_config(path))
+    out = trainer.train()
+    with safe_open(str(out), "pt") as f:
+        keys = list(f.keys())
+        meta = json.loads(f.metadata()["ldm_sce.tuner"])
+    assert meta["text_lora"] == {"rank": 4, "alpha": 4.0}
+    layers = trainer.model.cfg.text.layers
+    assert sum(k.endswith("lora_up.weight") for k in keys) == 6 * layers
+    assert all(load_file(out)[k].abs().max() > 0 for k in keys if k.endswith("lora_up.weight"))  # it trained
+    fresh = load_model(ckpt, config="tiny-sd1")
+    load_tuner(fresh, out)
+    prompts = ["a red square", "a blue square"]
+    with torch.no_grad():
+        want = trainer.model.get_learned_conditioning(prompts)
+        got = fresh.get_learned_conditioning(prompts)
+        base = load_model(ckpt, config="tiny-sd1").get_learned_conditioning(prompts)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (got - base).abs().max() > 1e-4
+
+
+def test_text_lora_settings_are_checked(tiny_ckpts, dataset, tmp_path):
+    ckpt = tiny_ckpts["sd1"][1]
+    bad = write_config(tmp_path, ckpt, dataset, method={"text_lora_rank": -1})
+    with pytest.raises(ConfigError, match="text_lora_rank"):
+        load_train_config(bad)
+    cached = write_config(tmp_path, ckpt, dataset, method={"text_lora_rank": 2}, data={"cache": True})
+    with pytest.raises(ConfigError, match="data.cache"):
+        Trainer(load_train_config(cached))
+    sd2 = write_config(
+        tmp_path, tiny_ckpts["sd2"][1], dataset, model={"config": "tiny-sd2"}, method={"text_lora_rank": 2}
+    )
+    with pytest.raises(ConfigError, match="not SD2"):
+        Trainer(load_train_config(sd2))
+
+
+@pytest.mark.slow
+def test_text_sce_under_torchrun_two_processes_match_one(tiny_ckpts, dataset, tmp_path):
+    """DDP reduces the text LoRA's gradients too (they are made outside the UNet's forward)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    results = {}
+    for n in (1, 2):
+        run_dir = tmp_path / f"p{n}"
+        run_dir.mkdir()
+        cfg = write_config(
+            run_dir,
+            tiny_ckpts["sd1"][1],
+            dataset,
+            method={"name": "sc", "text_lora_rank": 2},
+            optim={"max_steps": 2, "batch_size": 4, "eps": 1.0, "lr": 0.5},  # eps >> |g|: see test_training.py
+        )
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+        r = subprocess.run(
+            [*cmd, str(root / "tools" / "train.py"), "--base", str(cfg)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[n] = load_file(run_dir / "out" / "sc_tuner.safetensors")
+    assert any(k.startswith("lora_te") for k in results[1])
+    for k in results[1]:
+        torch.testing.assert_close(results[2][k], results[1][k], rtol=1e-5, atol=1e-7)
