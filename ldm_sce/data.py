@@ -154,12 +154,17 @@ class TrainDataset(torch.utils.data.Dataset):
         condition: str | None = None,
         condition_dir: str | None = None,
         random_thresholds: bool = False,
+        sizes: list[tuple[int, int]] | None = None,
+        condition_size=None,
     ):
+        """sizes: each item's (width, height) (aspect-ratio buckets); None: resolution x resolution.
+        condition_size(height, width) -> the condition image's (height, width) (default: cond_resolution)."""
         self.items, self.resolution, self.seed = items, resolution, seed
         self.cond_resolution = cond_resolution or resolution
         self.trigger, self.suffix, self.caption_dropout = trigger, suffix, caption_dropout  # prefix, suffix
         self.shuffle_caption, self.keep_tokens, self.tag_dropout = shuffle_caption, keep_tokens, tag_dropout
         self.condition, self.condition_dir, self.random_thresholds = condition, condition_dir, random_thresholds
+        self.sizes, self.condition_size = sizes, condition_size
         self.bad: set[Path] = set()
 
     def __len__(self) -> int:
@@ -169,9 +174,10 @@ class TrainDataset(torch.utils.data.Dataset):
         epoch, i = key
         item = self.items[i]
         rng = np.random.default_rng([self.seed, epoch, i])
+        width, height = self.sizes[i] if self.sizes is not None else (self.resolution, self.resolution)
         try:
             original = load_image(item.image)
-            img, (top, left) = resize_center_crop_box(original, self.resolution, self.resolution)
+            img, (top, left) = resize_center_crop_box(original, width, height)
         except ImageError as e:
             if item.image not in self.bad:
                 log.warning("skipping unreadable image %s (%s)", item.image, e)
@@ -182,7 +188,7 @@ class TrainDataset(torch.utils.data.Dataset):
         caption = "" if dropped else self.trigger + text + self.suffix
         arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         # SDXL's micro-conditioning, as it was trained: the original size, the crop and the target size
-        sizes = torch.tensor([original.height, original.width, top, left, self.resolution, self.resolution])
+        sizes = torch.tensor([original.height, original.width, top, left, height, width])
         out = {
             "image": torch.from_numpy(arr).permute(2, 0, 1),
             "caption": caption,
@@ -190,15 +196,24 @@ class TrainDataset(torch.utils.data.Dataset):
             "sizes": sizes.float(),
         }
         if self.condition:
-            out["cond"] = condition_tensor(self._condition(img, item, rng))[0]
+            ch, cw = self.condition_size(height, width) if self.condition_size else (self.cond_resolution,) * 2
+            out["cond"] = condition_tensor(self._condition(img, item, rng, cw, ch))[0]
         return out
 
-    def _condition(self, img: Image.Image, item: Item, rng: np.random.Generator) -> np.ndarray:
-        r = self.cond_resolution
+    def _condition(self, img: Image.Image, item: Item, rng: np.random.Generator, w: int, h: int) -> np.ndarray:
         if self.condition_dir:  # checked to exist before training (`missing_conditions`)
-            return make_condition("raw", load_image(Path(self.condition_dir) / item.image.name), r, r)
+            return make_condition("raw", load_image(Path(self.condition_dir) / item.image.name), w, h)
         thresholds = (int(rng.integers(50, 101)), int(rng.integers(200, 351))) if self.random_thresholds else (100, 200)
-        return make_condition(self.condition, img, r, r, seed=int(rng.integers(2**31)), thresholds=thresholds)
+        return make_condition(self.condition, img, w, h, seed=int(rng.integers(2**31)), thresholds=thresholds)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image as `load_image` gives it (EXIF rotations of 90 degrees swap the sides),
+    from its header."""
+    with Image.open(path) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def collate(batch: list[dict | None]) -> dict | None:

@@ -39,6 +39,12 @@ class DataSection:
     tag_dropout: float = 0.0  # drop each other tag with this probability (kohya's caption_tag_dropout_rate)
     condition_dir: str | None = None
     cache: bool = False  # keep VAE posteriors and text features in memory (small datasets)
+    # aspect-ratio buckets (kohya's): sides multiples of bucket_reso_steps, area <= resolution^2
+    buckets: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False  # an image smaller than the area gets a bucket of its own (rounded) size
 
 
 @dataclass
@@ -126,6 +132,12 @@ class TrainConfig:
             "ema.decay must be below 1 (1 would never move)" if self.ema.decay == 1.0 else "",
             _integer("ema.start_step", self.ema.start_step, 0),
             _number("data.tag_dropout", d.tag_dropout, 0.0, 1.0),
+            _integer("data.bucket_reso_steps", d.bucket_reso_steps, 8, 1024),
+            _integer("data.min_bucket_reso", d.min_bucket_reso, 8, 16384),
+            _integer("data.max_bucket_reso", d.max_bucket_reso, 8, 16384),
+            "data.min_bucket_reso is above data.max_bucket_reso"
+            if d.buckets and d.min_bucket_reso > d.max_bucket_reso
+            else "",
             _integer("data.keep_tokens", d.keep_tokens, 0),
             "data.caption_extension must start with '.' (e.g. .txt, .caption)"
             if not d.caption_extension.startswith(".")

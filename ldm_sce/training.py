@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .buckets import assign, batches_per_epoch, epoch_batches, make_buckets
 from .checkpoint_io import CheckpointError, load_model
 from .config import ConfigError
-from .data import TrainDataset, collate, scan
+from .data import TrainDataset, collate, image_size, scan
 from .diffusion import Cond, LatentDiffusion
 from .images import ImageError, load_image
 from .methods import Method, build_method
@@ -167,6 +168,9 @@ class Trainer:
             random_thresholds=cfg.method.random_thresholds,
         )
         self._check_images()
+        self._bucket_batches: dict[int, list[list[int]]] = {}
+        if d.buckets:
+            self._assign_buckets()
         self.step = 0
         self.ema = [p.detach().clone().float() for p in self.params] if cfg.ema.decay else None
         if state is not None:
@@ -218,26 +222,59 @@ class Trainer:
                     f"e.g. {missing[:3]} (each needs the same file name)"
                 )
 
-    # -- data order: a permutation per epoch, the global batch at step s is a slice of it --
-    def _global_indices(self, micro: int) -> list[int]:
+    def _assign_buckets(self) -> None:
+        """Each image's aspect-ratio bucket (`buckets.py`), from its header; the dataset then makes it at that
+        size. Logged: the buckets used and their image counts."""
+        d, multiple = self.cfg.data, self.model.cfg.image_multiple
+        if d.bucket_reso_steps % multiple:
+            raise ConfigError(f"data.bucket_reso_steps {d.bucket_reso_steps}: this model takes multiples of {multiple}")
+        buckets = make_buckets(d.resolution, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
+        sizes = []
+        for item in self.data.items:
+            size = (d.resolution, d.resolution)
+            if item.image not in self.data.bad:
+                size = assign(image_size(item.image), buckets, d.resolution, d.bucket_reso_steps, d.bucket_no_upscale)
+            sizes.append(size)
+        self.data.sizes = sizes
+        self.data.condition_size = self.model.cfg.condition_size
+        counts: dict = {}
+        for size in sizes:
+            counts[size] = counts.get(size, 0) + 1
+        log.info(
+            "aspect-ratio buckets (width x height: images): %s", {f"{w}x{h}": n for (w, h), n in sorted(counts.items())}
+        )
+
+    # -- data order: a permutation per epoch (or the epoch's bucket batches); the global batch of a
+    # micro-step is a slice of it --
+    def _global_indices(self, micro: int) -> list[tuple[int, int]]:
+        """(epoch, item index) of each sample of global micro-batch `micro`."""
         b, n = self.cfg.optim.batch_size, len(self.data)
-        start = micro * b
+        if self.data.sizes is not None:
+            epoch, pos = divmod(micro, batches_per_epoch(self.data.sizes, b))
+            return [(epoch, i) for i in self._epoch_batches(epoch)[pos]]
         out = []
-        for k in range(start, start + b):
+        for k in range(micro * b, micro * b + b):
             epoch, pos = divmod(k, n)
             perm = torch.randperm(n, generator=_generator(self.cfg.seed, epoch))
-            out.append(int(perm[pos]))
+            out.append((epoch, int(perm[pos])))
         return out
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._bucket_batches:
+            self._bucket_batches = {
+                epoch: epoch_batches(self.data.sizes, self.cfg.optim.batch_size, self.cfg.seed, epoch)
+            }
+        return self._bucket_batches[epoch]
 
     @torch.no_grad()
     def _prepare(self, micro: int) -> dict | None:
         """This rank's share of global batch `micro`: noisy latents, timesteps, text features, targets."""
-        idx = self._global_indices(micro)
+        keys = self._global_indices(micro)
+        idx = [i for _, i in keys]
         share = len(idx) // self.world
-        mine = list(enumerate(idx))[self.rank * share : (self.rank + 1) * share]
+        mine = list(enumerate(keys))[self.rank * share : (self.rank + 1) * share]
         rows = []
-        for slot, i in mine:
-            epoch = (micro * self.cfg.optim.batch_size + slot) // len(self.data)
+        for slot, (epoch, i) in mine:
             item = self.data[epoch, i]
             if item is not None:
                 rows.append((slot, item))

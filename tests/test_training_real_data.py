@@ -191,3 +191,113 @@ def test_text_sce_under_torchrun_two_processes_match_one(tiny_ckpts, dataset, tm
     assert any(k.startswith("lora_te") for k in results[1])
     for k in results[1]:
         torch.testing.assert_close(results[2][k], results[1][k], rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Aspect-ratio buckets
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_buckets_are_kohyas():
+    from ldm_sce.buckets import make_buckets
+
+    buckets = make_buckets(512, 256, 1024, 64)
+    assert (512, 512) in buckets and (256, 1024) in buckets and (1024, 256) in buckets and (640, 384) in buckets
+    for w, h in buckets:
+        assert w % 64 == 0 and h % 64 == 0 and 256 <= min(w, h) and max(w, h) <= 1024
+        assert w * h <= 512 * 512
+        if (w, h) != (512, 512):  # each side as large as the area allows for the other (or max_side)
+            assert h == 1024 or w * (h + 64) > 512 * 512 or w == 1024 or (w + 64) * h > 512 * 512
+    assert len(buckets) == len(set(buckets)) and all((h, w) in buckets for w, h in buckets)
+
+
+def test_bucket_assignment_and_no_upscale():
+    from ldm_sce.buckets import assign, make_buckets
+
+    buckets = make_buckets(512, 256, 1024, 64)
+    for size in ((1200, 800), (800, 1200), (3000, 1000), (512, 512), (4000, 3000)):
+        best = min(buckets, key=lambda b: abs(b[0] / b[1] - size[0] / size[1]))
+        assert assign(size, buckets, 512) == best
+    assert assign((1200, 800), buckets, 512) == (640, 384)
+    assert assign((300, 200), buckets, 512, no_upscale=True) == (256, 192)  # never larger than the image
+    assert assign((300, 200), buckets, 512) == (640, 384)  # without: enlarged to a bucket
+    assert assign((2000, 2000), buckets, 512, no_upscale=True) == (512, 512)  # too large: the usual buckets
+
+
+def test_epoch_batches_use_every_image_in_batches_of_one_bucket():
+    from ldm_sce.buckets import batches_per_epoch, epoch_batches
+
+    sizes = [(64, 32)] * 5 + [(32, 64)] * 3 + [(48, 48)] * 8
+    batches = epoch_batches(sizes, 4, seed=1, epoch=0)
+    assert len(batches) == batches_per_epoch(sizes, 4) == 2 + 1 + 2
+    assert all(len(b) == 4 and len({sizes[i] for i in b}) == 1 for b in batches)
+    used = [i for b in batches for i in b]
+    assert set(used) == set(range(len(sizes)))  # every image in every epoch
+    extra = len(used) - len(sizes)
+    assert extra == 3 + 1  # only the last batch of a bucket is filled up (5 -> 8, 3 -> 4)
+    assert epoch_batches(sizes, 4, 1, 0) == batches and epoch_batches(sizes, 4, 1, 1) != batches
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Portrait, landscape and square images with captions."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for k, (w, h) in enumerate([(64, 32)] * 3 + [(32, 64)] * 3 + [(40, 40)] * 2):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"{k}.png")
+        (root / f"{k}.txt").write_text(f"photo {k}, outdoors")
+    return root
+
+
+def bucket_config(tmp_path, ckpt, photos, **extra):
+    data = {"path": str(photos), "resolution": 48, "buckets": True, "min_bucket_reso": 16, "max_bucket_reso": 64}
+    data |= {"bucket_reso_steps": 16, "shuffle_caption": True}
+    return write_config(tmp_path, ckpt, photos, data=data, optim={"batch_size": 2, "max_steps": 4}, **extra)
+
+
+def test_bucket_training_uses_each_bucket_shape_and_resumes_bitwise(tiny_ckpts, photos, tmp_path):
+    ckpt = tiny_ckpts["sd1"][1]
+    ema = {"decay": 0.8, "start_step": 1}
+    a = tmp_path / "a"
+    a.mkdir()
+    trainer = Trainer(load_train_config(bucket_config(a, ckpt, photos, ema=ema)))
+    assert sorted(set(trainer.data.sizes)) == [(32, 64), (48, 48), (64, 32)]  # (w, h): portrait, square, landscape
+    shapes = {tuple(trainer._prepare(m)["x_t"].shape[2:]) for m in range(8)}
+    assert shapes == {(32, 16), (24, 24), (16, 32)}  # latents (h, w) at the VAE's factor 2
+    trainer.train()
+    b = tmp_path / "b"
+    b.mkdir()
+    cfg = load_train_config(bucket_config(b, ckpt, photos, ema=ema, save_every=2))
+    cfg.optim.max_steps = 2
+    Trainer(cfg).train()
+    cfg.optim.max_steps = 4
+    Trainer(cfg, resume="latest").train()
+    x, y = load_file(a / "out" / "sc_tuner.safetensors"), load_file(b / "out" / "sc_tuner.safetensors")
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.slow
+def test_buckets_under_torchrun_two_processes_match_one(tiny_ckpts, photos, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    results = {}
+    for n in (1, 2):
+        run_dir = tmp_path / f"p{n}"
+        run_dir.mkdir()
+        cfg = bucket_config(run_dir, tiny_ckpts["sd1"][1], photos)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+        r = subprocess.run(
+            # eps >> |g| and a large lr: see test_training.py's DDP test
+            [*cmd, str(root / "tools" / "train.py"), "--base", str(cfg), "optim.eps=1.0", "optim.lr=0.5"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[n] = load_file(run_dir / "out" / "sc_tuner.safetensors")
+    for k in results[1]:
+        torch.testing.assert_close(results[2][k], results[1][k], rtol=1e-5, atol=1e-7)
