@@ -39,6 +39,9 @@ class DataSection:
     tag_dropout: float = 0.0  # drop each other tag with this probability (kohya's caption_tag_dropout_rate)
     condition_dir: str | None = None
     cache: bool = False  # keep VAE posteriors and text features in memory (small datasets)
+    # keep VAE posteriors and text features on disk here, keyed by the image's content, its size, the caption
+    # and the weights that made them: reused across runs, recomputed when any of them changes
+    cache_dir: str | None = None
     # aspect-ratio buckets (kohya's): sides multiples of bucket_reso_steps, area <= resolution^2
     buckets: bool = False
     min_bucket_reso: int = 256

@@ -136,6 +136,7 @@ class Trainer:
         compile_unet(unet, cfg.compile)
         self._posteriors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # data.cache: item -> (mean, std)
         self._texts: dict[str, torch.Tensor] = {}  # data.cache: caption -> features
+        self.disk = DiskCache(Path(cfg.data.cache_dir), self.model) if cfg.data.cache_dir else None
         self.step_module = TrainStep(self.model, self.method, cfg.min_snr_gamma)
         self.ddp = (
             nn.parallel.DistributedDataParallel(
@@ -307,13 +308,22 @@ class Trainer:
         return out
 
     def _posterior(self, i: int, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of q(z | image i); cached with data.cache (the sample is drawn fresh each time)."""
+        """(mean, std) of q(z | image i); cached with data.cache / data.cache_dir (the sample is drawn fresh
+        each time)."""
         if i in self._posteriors:
             return self._posteriors[i]
-        post = self.model.encode_first_stage(image[None])
+        key = self.disk.latent_key(self.data.items[i].image, tuple(image.shape[1:])) if self.disk else None
+        found = self.disk.get(key) if key else None
+        if found is not None:
+            mean, std = found["mean"].to(self.device), found["std"].to(self.device)
+        else:
+            post = self.model.encode_first_stage(image[None])
+            mean, std = post.mean, post.std
+            if key:
+                self.disk.put(key, {"mean": mean, "std": std})
         if self.cfg.data.cache:
-            self._posteriors[i] = (post.mean, post.std)
-        return post.mean, post.std
+            self._posteriors[i] = (mean, std)
+        return mean, std
 
     def _conditioning(self, batch: dict) -> Cond:
         """The batch's text conditioning. SDXL: the text features with each image's size embeddings
@@ -334,14 +344,27 @@ class Trainer:
             if self.model.cfg.family == "sdxl"
             else self.model.cond_stage_model.encode
         )
-        if not self.cfg.data.cache:
+        if not (self.cfg.data.cache or self.disk) or self.trains_text:  # a trained text LoRA: never cached
             return encode(captions)
         missing = sorted({c for c in captions if c not in self._texts})
+        if self.disk and missing:  # from the disk cache where there
+            for caption in missing:
+                found = self.disk.get(self.disk.text_key(caption))
+                if found is not None:
+                    row = found["context"].to(self.device)
+                    self._texts[caption] = (row, found["pooled"].to(self.device)) if "pooled" in found else row
+            missing = [c for c in missing if c not in self._texts]
         if missing:
             features = encode(missing)
             rows = zip(*features, strict=True) if isinstance(features, tuple) else features
-            self._texts.update(zip(missing, rows, strict=True))
+            for caption, row in zip(missing, rows, strict=True):
+                self._texts[caption] = row
+                if self.disk:
+                    parts = {"context": row[0], "pooled": row[1]} if isinstance(row, tuple) else {"context": row}
+                    self.disk.put(self.disk.text_key(caption), parts)
         rows = [self._texts[c] for c in captions]
+        if not self.cfg.data.cache:  # the disk cache only: keep no features in memory
+            self._texts = {}
         if isinstance(rows[0], tuple):
             return tuple(torch.stack(part) for part in zip(*rows, strict=True))
         return torch.stack(rows)
@@ -608,6 +631,72 @@ class Trainer:
                 log.warning("%s holds no EMA weights: the EMA starts from the resumed weights", state["path"])
                 saved = [p.detach().float() for p in self.params]
             self.ema = [e.clone().float() for e in saved]
+
+
+class DiskCache:
+    """VAE posteriors and text features as safetensors files under `root`, named by a hash of what made them:
+    a posterior by the image file's bytes, its training size and the VAE's weights; text features by the
+    caption and the text encoders' weights. A changed image, size, caption or model gives a new name, so a
+    stale entry is never read; files are written atomically (a temporary name, then a rename)."""
+
+    def __init__(self, root: Path, model: LatentDiffusion):
+        self.root = root
+        text = model.conditioner if model.cfg.family == "sdxl" else model.cond_stage_model
+        self.vae_id, self.text_id = _weights_hash(model.first_stage_model), _weights_hash(text)
+        self._files: dict[Path, tuple[tuple[int, int], str]] = {}  # path -> ((mtime_ns, size), content hash)
+        (root / "latents").mkdir(parents=True, exist_ok=True)
+        (root / "text").mkdir(parents=True, exist_ok=True)
+        self.hits = self.misses = 0
+
+    def latent_key(self, image: Path, shape: tuple[int, ...]) -> Path:
+        stat = image.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if self._files.get(image, (None,))[0] != stamp:
+            self._files[image] = (stamp, _sha256(image.read_bytes()))
+        name = _sha256(f"{self._files[image][1]}:{shape}:{self.vae_id}".encode())
+        return self.root / "latents" / f"{name}.safetensors"
+
+    def text_key(self, caption: str) -> Path:
+        return self.root / "text" / f"{_sha256(f'{caption}:{self.text_id}'.encode())}.safetensors"
+
+    def get(self, path: Path) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            found = load_file(str(path))
+        except Exception as e:  # a damaged entry is made again
+            log.warning("disk cache: %s is unreadable (%s); recomputing it", path, e)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return found
+
+    def put(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _weights_hash(module: nn.Module) -> str:
+    """A hash of a module's parameter names, dtypes, shapes and values."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in module.state_dict().items():
+        h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
+        h.update(p.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def lr_factor(step: int, o: OptimSection) -> float:

@@ -301,3 +301,39 @@ def test_buckets_under_torchrun_two_processes_match_one(tiny_ckpts, photos, tmp_
         results[n] = load_file(run_dir / "out" / "sc_tuner.safetensors")
     for k in results[1]:
         torch.testing.assert_close(results[2][k], results[1][k], rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Disk cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_disk_cache_is_reused_across_runs_and_invalidated_by_a_changed_image(tiny_ckpts, dataset, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    ckpt, cache = tiny_ckpts["sd1"][1], tmp_path / "cache"
+
+    def run(name, monkey=None, cached=True):
+        d = tmp_path / name
+        d.mkdir()
+        extra = {"data": {"path": str(data), "cache_dir": str(cache)}} if cached else {}
+        trainer = Trainer(load_train_config(write_config(d, ckpt, data, optim={"max_steps": 3}, **extra)))
+        calls = []
+        encode = trainer.model.encode_first_stage
+        trainer.model.encode_first_stage = lambda x: (calls.append(x.shape), encode(x))[1]
+        trainer.train()
+        return load_file(d / "out" / "sc_tuner.safetensors"), calls, trainer
+
+    plain, plain_calls, _ = run("plain", cached=False)
+    first, first_calls, t1 = run("first")
+    assert len(plain_calls) == 12  # 3 steps x batch 4, every posterior computed
+    assert len(first_calls) == 8  # with the cache: once per image (epoch 2's repeats are read back)
+    assert len(list((cache / "latents").iterdir())) == 8 and len(list((cache / "text").iterdir())) > 0
+    second, second_calls, t2 = run("second")
+    assert second_calls == [] and t2.disk.misses == 0  # the VAE is not called: every posterior from the disk
+    assert all(torch.equal(plain[k], first[k]) and torch.equal(first[k], second[k]) for k in plain)
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(data / "00.png")  # one image changes
+    _, third_calls, t3 = run("third")
+    assert len(third_calls) == 1 and len(list((cache / "latents").iterdir())) == 9  # only that image again
