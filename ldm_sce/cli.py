@@ -137,6 +137,15 @@ def add_tuner_args(p: argparse.ArgumentParser) -> None:
         help="LoRA file for the base model (kohya/A1111, diffusers/peft); repeatable",
     )
     g.add_argument("--lora-merge", action="store_true", help="merge the LoRAs into the weights (faster sampling)")
+    g.add_argument(
+        "--freeu",
+        metavar="PRESET|B1,B2,S1,S2",
+        help="FreeU (Si et al. 2024): sd1, sd2, sdxl (the official values) or four numbers; works with tuners",
+    )
+    g.add_argument(
+        "--freeu-rule", choices=("official", "diffusers"), default="official", help="which blocks FreeU edits"
+    )
+    g.add_argument("--freeu-v2", action="store_true", help="FreeU v2's structure-related backbone scaling")
     g.add_argument("--control", action="append", default=[], help="CSC-Tuner controller file; repeatable")
     g.add_argument("--control-image", action="append", default=[], help="one image per --control, in order")
     g.add_argument(
@@ -182,6 +191,20 @@ def attach_tuners(model: LatentDiffusion, args: argparse.Namespace, width: int, 
         raise UsageError("--tuner-scale without --tuner")
     if args.skip_scales:
         tuner_scale = tuple(tuner_scale * s for s in _skip_scales(args.skip_scales, model))
+    if args.freeu:
+        from .skip_edits import FREEU_PRESETS, FreeU
+
+        if args.freeu in FREEU_PRESETS:
+            values = FREEU_PRESETS[args.freeu]
+        else:
+            try:
+                values = tuple(float(v) for v in args.freeu.split(","))
+            except ValueError:
+                values = ()
+            if len(values) != 4 or not all(math.isfinite(v) for v in values):
+                raise UsageError(f"--freeu {args.freeu!r}: a preset ({', '.join(FREEU_PRESETS)}) or B1,B2,S1,S2")
+        unet = model.model.diffusion_model
+        unet.skip_edits.append(FreeU(unet.cfg, *values, rule=args.freeu_rule, v2=args.freeu_v2))
     n = len(args.control)
     if len(args.control_image) != n:
         raise UsageError(f"{n} --control file(s) but {len(args.control_image)} --control-image(s): give one each")
@@ -467,6 +490,8 @@ def extra_params(args: argparse.Namespace, model: LatentDiffusion | None = None)
             extra["Tuner compose"] = args.tuner_compose
     if args.skip_scales:
         extra["Skip scales"] = args.skip_scales
+    if args.freeu:
+        extra["FreeU"] = f"{args.freeu} ({args.freeu_rule}{', v2' if args.freeu_v2 else ''})"
     if args.control:
         extra.update(
             {

@@ -160,6 +160,7 @@ class UNetModel(nn.Module):
         # the attached CSC-Tuner controllers. Neither adds keys to the base model.
         self.tuners = nn.ModuleList(SkipIdentity() for _ in self.output_blocks)
         self.controllers = nn.ModuleList()
+        self.skip_edits = nn.ModuleList()  # training-free research edits after the tuners (`skip_edits.py`)
         self.checkpoint_decoder = False  # training: recompute decoder blocks in backward instead of storing
         self.initialize_weights()
         self.to(memory_format=torch.channels_last)
@@ -261,6 +262,8 @@ class UNetModel(nn.Module):
             edited = self.tuners[m](skip, tuning.skip_scale(m))  # SC-Tuner: skip + s (T(skip) - skip), eq. 6
             for ctrl, hints, w in controls:  # CSC-Tuners: + w (hint + MLP(skip + hint)), eq. 7
                 edited = edited + w * ctrl.residual(m, skip, hints[m])  # [B, C_m, H_m, W_m]
+            for edit in self.skip_edits:  # FreeU, skip scaling, ...: (h, skip) -> (h, skip), in list order
+                h, edited = edit(m, h, edited)
             h = torch.cat([h, edited], dim=1)  # [B, C_h + C_m, H_m, W_m]
             h = self._decoder_block(block, h, emb, context)  # [B, C_out, H_m, W_m] (x2 if it upsamples)
 
