@@ -22,7 +22,17 @@ setup(
     extras_require={
         # diffusers/transformers are test-only oracles: independent implementations to compare against;
         # peft is the LoRA baseline of tools/bench.py, whose every subcommand a test runs
-        "test": ["pytest>=7", "diffusers>=0.30", "transformers>=4.40", "peft>=0.10", "ruff>=0.5", "hypothesis>=6"],
+        "test": [
+            "pytest>=7",
+            "diffusers>=0.30",
+            "transformers>=4.40",
+            "peft>=0.10",
+            "ruff>=0.5",
+            "hypothesis>=6",
+            "matplotlib>=3.5",
+        ],
+        # tools/analyze_skips.py: its plots (matplotlib, the field's standard plotting library)
+        "analysis": ["matplotlib>=3.5"],
         # tools/bench.py train: peft's LoRA on diffusers' UNet, the baseline users would actually run
         "bench": ["diffusers>=0.30", "transformers>=4.40", "peft>=0.10"],
     },

@@ -139,3 +139,40 @@ def test_empty_stack_scale_one_and_composition_order(sd1):
     unet.skip_edits = torch.nn.ModuleList()
     torch.testing.assert_close(first, second, rtol=1e-4, atol=1e-5)  # both linear in the skip: they commute
     assert isinstance(unet.tuners[0], SkipIdentity)
+
+
+def test_analyze_skips_tool_on_a_tiny_model(tiny_ckpts, tmp_path):
+    """tools/analyze_skips.py end to end: its numbers are consistent, and an identity tuner edits nothing."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ldm_sce import load_model
+    from ldm_sce.tuner_files import save_tuner_file, sc_tuner_file
+
+    root = Path(__file__).resolve().parents[1]
+    ckpt = tiny_ckpts["sd1"][1]
+    model = load_model(ckpt, config="tiny-sd1")
+    model.model.diffusion_model.attach_sc_tuners()  # fresh: exact identities
+    save_tuner_file(sc_tuner_file(model), tmp_path / "identity.safetensors")
+    args = ["--ckpt", ckpt, "--config", "tiny-sd1", "--tuner", tmp_path / "identity.safetensors", "--prompt", "a cat"]
+    args += ["--seeds", 0, "--timesteps", 500, "--steps", 2, "--out", tmp_path / "out", "--device", "cpu"]
+    r = subprocess.run(
+        [sys.executable, str(root / "tools" / "analyze_skips.py"), *map(str, args)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "out" / "skips.json").read_text())
+    n = len(PRESETS["tiny-sd1"].unet.skip_channels)
+    rem = out["removals"]
+    assert rem["none"]["change_rms"] == 0.0 and rem["all"]["dropped"] == list(range(n))
+    assert rem["half"]["dropped"] == list(range(n // 2)) and len(rem) == 3 + n
+    for row in out["per_skip"]:
+        assert row["output_change_when_removed"] == rem[f"skip {row['skip']}"]["change_rms"] > 0
+        assert row["tuner_edit_size"] == 0.0  # an identity tuner
+    assert {p.name for p in (tmp_path / "out").glob("*.png")} == {
+        "variance.png",
+        "histogram.png",
+        "features.png",
+        "per_skip.png",
+    }

@@ -32,7 +32,8 @@ from ldm_sce.checkpoint_io import load_model  # noqa: E402
 from ldm_sce.conditions import condition_tensor, make_condition  # noqa: E402
 from ldm_sce.diffusion import LatentDiffusion  # noqa: E402
 from ldm_sce.images import make_grid  # noqa: E402
-from ldm_sce.methods import load_lora  # noqa: E402
+from ldm_sce.lora import load_lora  # noqa: E402
+from ldm_sce.skip_edits import FREEU_PRESETS, FreeU  # noqa: E402
 from ldm_sce.tuner_files import load_tuner  # noqa: E402
 from ldm_sce.tuners import Control, CSCTuner  # noqa: E402
 
@@ -50,6 +51,9 @@ def main() -> None:
     p.add_argument("--lora", help="a LoRA style tuner trained with the same budget (tools/train.py method lora)")
     p.add_argument("--json", default="outputs/toy/eval.json")
     p.add_argument("--samples", help="save a grid of each row's images here")
+    p.add_argument(
+        "--freeu", help="also rows with FreeU: a preset (sd1, sd2, sdxl) or B1,B2,S1,S2 (official block rule)"
+    )
     args = p.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -99,12 +103,24 @@ def main() -> None:
         row("base + SC-Tuner (style)", sum(p.numel() for p in model.model.diffusion_model.tuners.parameters()), model)
     if args.lora and Path(args.lora).is_file():
         model = load_model(args.ckpt)
-        params = load_lora(model, args.lora)
+        load_lora(model, args.lora)
+        from ldm_sce.checkpoint_io import read_checkpoint
+
+        params = sum(t.numel() for t in read_checkpoint(args.lora)[0].values())
         row("base + LoRA (style)", params, model)
     if args.canny and Path(args.canny).is_file():
         model = load_model(args.ckpt)
         ctrl = load_tuner(model, args.canny)
         row("base + CSC-Tuner (canny)", sum(p.numel() for p in ctrl.parameters()), model, ctrl)
+    if args.freeu:
+        values = FREEU_PRESETS.get(args.freeu) or tuple(float(v) for v in args.freeu.split(","))
+        for name, tuner in (("base + FreeU", None), ("base + SC-Tuner (style) + FreeU", args.style_tuner)):
+            model = load_model(args.ckpt)
+            if tuner:
+                load_tuner(model, tuner)
+            unet = model.model.diffusion_model
+            unet.skip_edits.append(FreeU(unet.cfg, *values))
+            row(f"{name} {args.freeu}", sum(p.numel() for p in unet.tuners.parameters()), model)
 
     print(
         f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s; DDIM {toy.SAMPLING['steps']} steps, "
