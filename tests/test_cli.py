@@ -114,6 +114,7 @@ def test_txt2img_end_to_end(ckpt, tmp_path):
         ({"--from-file": "no-such-prompts.txt"}, "cannot read prompts"),
         ({"--plms": None, "--ddim_eta": 0.5}, "must be 0 with PLMS"),
         ({"--config": "tiny-sd2"}, "does not match"),
+        ({"--freeu": "1.5,1.6"}, "B1,B2,S1,S2"),
     ],
 )
 def test_txt2img_bad_arguments_give_one_line(ckpt, tmp_path, override, message):
