@@ -186,7 +186,7 @@ def lora_targets(model: LatentDiffusion) -> dict[str, Target]:
 
 _KOHYA = re.compile(r"^(lora_(?:unet|te\d?)_\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _PEFT = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+?)\.(lora_A\.weight|lora_B\.weight|alpha)$")
-_SWIFT = re.compile(
+SWIFT_KEY = re.compile(
     r"^(?:.*\.)?text_model\.encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])"
     r"\.lora_([AB])\.[\w-]+\.weight$"
 )
@@ -206,7 +206,7 @@ def _kohya_name(key: str, sdxl: bool) -> tuple[str, str] | None:
             "text_encoder_2": "lora_te2_",
         }
         return tower[m[1]] + m[2].replace(".", "_"), _PART[m[3]]
-    if m := _SWIFT.match(key):
+    if m := SWIFT_KEY.match(key):
         return f"lora_te{'1' if sdxl else ''}_text_model_encoder_layers_{m[1]}_{m[2].replace('.', '_')}", _PART[m[3]]
     if m := _OURS.match(key):
         return "lora_unet_" + m[1].replace(".", "_"), _PART[m[2]]
@@ -390,13 +390,13 @@ def load_lora(
     it to `model` at `weight`; returns the number of layers changed. Nothing changes if the file is refused."""
     path = Path(path)
     if path.is_dir():
-        path, alpha = _adapter_file(path, alpha)
+        path, alpha = adapter_file(path, alpha)
     layers = read_lora(model, path, alpha)
     apply_lora(layers, weight, merge)
     return len(layers)
 
 
-def _adapter_file(folder: Path, alpha: float | None) -> tuple[Path, float | None]:
+def adapter_file(folder: Path, alpha: float | None) -> tuple[Path, float | None]:
     """The weights of a peft / swift adapter folder, and lora_alpha / r from its adapter_config.json."""
     for name in ("adapter_model.safetensors", "adapter_model.bin", "pytorch_lora_weights.safetensors"):
         if (folder / name).is_file():

@@ -223,8 +223,8 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 
 
 # Settings a resumed run may change: they do not change what the steps compute (max_steps only where the run
-# ends, and with a cosine schedule where its learning rate goes).
-RESUMABLE = {"optim.max_steps", "output_dir", "save_every", "keep_last", "log_every"}
+# ends, and with a cosine schedule where its learning rate goes; the caches return what they stored, bitwise).
+RESUMABLE = {"optim.max_steps", "output_dir", "save_every", "keep_last", "log_every", "data.cache", "data.cache_dir"}
 RESUMABLE_SECTIONS = ("validation.",)
 
 

@@ -245,7 +245,7 @@ def _lora_folder(path: Path) -> Path | None:
 def _text_sce(path: Path) -> TunerFile:
     """scepter Studio's TEXT_SCE folder as one TunerFile: the SC-Tuners plus the first text encoder's LoRA,
     stored in kohya's layout (`lora_te_*`) with its alpha (lora_alpha from `adapter_config.json`)."""
-    from .lora import _SWIFT, _adapter_file
+    from .lora import SWIFT_KEY, adapter_file
 
     sce = sorted(p for p in path.glob("*_SwiftSCETuning") if p.is_dir())
     if not sce:
@@ -253,12 +253,12 @@ def _text_sce(path: Path) -> TunerFile:
     tf = read_tuner_file(sce[0])
     if tf.kind != "sc":
         raise CheckpointError(f"{sce[0]}: TEXT_SCE holds SC-Tuners, found {KIND_NAMES[tf.kind]}")
-    weights, alpha = _adapter_file(_lora_folder(path), None)
+    weights, alpha = adapter_file(_lora_folder(path), None)
     sd, _ = read_checkpoint(weights)
     check_finite(sd, weights)
     lora: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        m = _SWIFT.match(key)
+        m = SWIFT_KEY.match(key)
         if m is None:
             raise CheckpointError(f"{weights}: not a swift text-encoder LoRA key: {key}")
         name = f"lora_te_text_model_encoder_layers_{m[1]}_{m[2].replace('.', '_')}"

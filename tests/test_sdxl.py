@@ -533,7 +533,7 @@ def test_sc_training_on_sdxl_conditions_on_each_images_size_and_crop(sdxl, tmp_p
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(train))
     trainer = Trainer(load_train_config(tmp_path / "train.yaml"))
     batch = trainer._prepare(0)
-    order = trainer._global_indices(0)
+    order = [i for _, i in trainer._global_indices(0)]  # (epoch, item) pairs of micro-batch 0
     # the original sizes and the center crops' (top, left) in the resized images, then the 16x16 target
     expected = {0: (16, 24, 0, 4), 1: (32, 16, 8, 0), 2: (16, 16, 0, 0), 3: (16, 40, 0, 12)}
     model = trainer.model

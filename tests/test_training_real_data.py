@@ -249,13 +249,14 @@ def photos(tmp_path_factory):
     return root
 
 
-def bucket_config(tmp_path, ckpt, photos, **extra):
+def bucket_config(tmp_path, ckpt, photos, cache_dir=None, **extra):
     data = {"path": str(photos), "resolution": 48, "buckets": True, "min_bucket_reso": 16, "max_bucket_reso": 64}
-    data |= {"bucket_reso_steps": 16, "shuffle_caption": True}
+    data |= {"bucket_reso_steps": 16, "shuffle_caption": True, "cache_dir": cache_dir}
     return write_config(tmp_path, ckpt, photos, data=data, optim={"batch_size": 2, "max_steps": 4}, **extra)
 
 
 def test_bucket_training_uses_each_bucket_shape_and_resumes_bitwise(tiny_ckpts, photos, tmp_path):
+    """Buckets + EMA + caption shuffling, straight and resumed (the resumed run with the disk cache on)."""
     ckpt = tiny_ckpts["sd1"][1]
     ema = {"decay": 0.8, "start_step": 1}
     a = tmp_path / "a"
@@ -267,11 +268,13 @@ def test_bucket_training_uses_each_bucket_shape_and_resumes_bitwise(tiny_ckpts, 
     trainer.train()
     b = tmp_path / "b"
     b.mkdir()
-    cfg = load_train_config(bucket_config(b, ckpt, photos, ema=ema, save_every=2))
+    cfg = load_train_config(bucket_config(b, ckpt, photos, cache_dir=str(tmp_path / "cache"), ema=ema, save_every=2))
     cfg.optim.max_steps = 2
     Trainer(cfg).train()
     cfg.optim.max_steps = 4
-    Trainer(cfg, resume="latest").train()
+    resumed = Trainer(cfg, resume="latest")
+    resumed.train()
+    assert resumed.disk.hits > 0  # the resumed run read posteriors back
     x, y = load_file(a / "out" / "sc_tuner.safetensors"), load_file(b / "out" / "sc_tuner.safetensors")
     assert all(torch.equal(x[k], y[k]) for k in x)
 
