@@ -26,6 +26,19 @@ def tiny_ckpts(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory):
+    """{family: (path, config)}: random tiny SD1, SD2 and SDXL checkpoints as `.safetensors` in the original
+    layout (no config inside)."""
+    root = tmp_path_factory.mktemp("tiny-files")
+    out = {}
+    for family, preset in (("sd1", "tiny-sd1"), ("sd2", "tiny-sd2"), ("sdxl", "tiny-sdxl")):
+        path = root / f"{preset}.safetensors"
+        save_checkpoint(random_model(PRESETS[preset], seed=len(out) + 20), path, metadata=False)
+        out[family] = (path, PRESETS[preset])
+    return out
+
+
+@pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """8 training images 16x16: a coloured square on grey, each with a same-name caption."""
     root = tmp_path_factory.mktemp("data")

@@ -24,22 +24,52 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> LatentDiffusion:
     return model
 
 
-def hf_text_model(t, layers: int | None = None):
-    """transformers' CLIPTextModel with the dimensions of our TextConfig `t` (the oracle text tower)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def hf_text_model(t, layers: int | None = None, projection: bool = False):
+    """transformers' CLIPTextModel (with `projection`: CLIPTextModelWithProjection) with the dimensions of
+    our TextConfig `t` (the oracle text tower)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=t.vocab_size,
-            hidden_size=t.width,
-            intermediate_size=4 * t.width,
-            num_hidden_layers=t.layers if layers is None else layers,
-            num_attention_heads=t.heads,
-            max_position_embeddings=t.context_length,
-            hidden_act="quick_gelu" if t.arch == "clip" else "gelu",
-            projection_dim=t.embed_dim,
-        )
+    config = CLIPTextConfig(
+        vocab_size=t.vocab_size,
+        hidden_size=t.width,
+        intermediate_size=4 * t.width,
+        num_hidden_layers=t.layers if layers is None else layers,
+        num_attention_heads=t.heads,
+        max_position_embeddings=t.context_length,
+        hidden_act="quick_gelu" if t.arch == "clip" else "gelu",
+        projection_dim=t.embed_dim,
     )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def load_hf(module, state: dict):
+    """Load a transformers text model strictly (position ids aside: transformers makes them) from diffusers'
+    converted state dict, with or without its `text_model.` prefix as the module has it; returns it, eval."""
+    if not any(k.startswith("text_model.") for k in module.state_dict()):
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    missing, unexpected = module.load_state_dict(
+        {k: v for k, v in state.items() if "position_ids" not in k}, strict=False
+    )
+    assert not [k for k in missing if "position_ids" not in k] and not unexpected, (missing, unexpected)
+    return module.eval()
+
+
+def hf_text_towers(cfg, sd: dict) -> list:
+    """transformers' text towers of a checkpoint (state dict `sd`, config `cfg`), converted by diffusers'
+    own code: [(module, pad token)] (SDXL: CLIP-L, then bigG with its projection)."""
+    from diffusers.loaders import single_file_utils as su
+
+    if cfg.family == "sd1":
+        return [(load_hf(hf_text_model(cfg.text), su.convert_ldm_clip_checkpoint(sd)), 49407)]
+    if cfg.family == "sd2":
+        hf = hf_text_model(cfg.text)
+        return [(load_hf(hf, su.convert_open_clip_checkpoint(hf, sd)), 0)]
+    clip_l = load_hf(
+        hf_text_model(cfg.text), su.convert_ldm_clip_checkpoint(sd, "conditioner.embedders.0.transformer.")
+    )
+    big_g = hf_text_model(cfg.text2, projection=True)
+    load_hf(big_g, su.convert_open_clip_checkpoint(big_g, sd, "conditioner.embedders.1.model."))
+    return [(clip_l, 49407), (big_g, 0)]
 
 
 def train_config(tmp_path: Path, ckpt: Path, data_path: Path, **sections) -> Path:

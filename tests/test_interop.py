@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as su
-from helpers import hf_text_model, random_model, write_kohya_lora
+from helpers import hf_text_towers, random_model, write_kohya_lora
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ldm_sce import PRESETS, CheckpointError, load_model, save_checkpoint
+from ldm_sce import PRESETS, CheckpointError, load_model
 from ldm_sce.config import HINT_STRIDES, to_compvis_yaml
 from ldm_sce.lora import diffusers_unet_name, load_lora, lora_targets, remove_lora
 from ldm_sce.text_encoders import tokenize
@@ -40,15 +40,9 @@ def randomize(module, seed, std=0.05):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tiny_files):
     """{family: (path, config)}: tiny random SD1, SD2 and SDXL checkpoints in the original layout."""
-    root = tmp_path_factory.mktemp("interop")
-    out = {}
-    for family, preset in (("sd1", "tiny-sd1"), ("sd2", "tiny-sd2"), ("sdxl", "tiny-sdxl")):
-        path = root / f"{preset}.safetensors"
-        save_checkpoint(random_model(PRESETS[preset], seed=len(out) + 20), path, metadata=False)
-        out[family] = (path, PRESETS[preset])
-    return out
+    return tiny_files
 
 
 def fresh(models, family):
@@ -346,7 +340,6 @@ def diffusers_models(models, family):
     """diffusers' UNet and transformers' text towers converted from the checkpoint by diffusers' own code;
     text towers as (module, diffusers prefix, pad token, features of the tokens as our conditioning)."""
     from safetensors.torch import load_file
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     path, cfg = models[family]
     sd = load_file(path)
@@ -356,41 +349,14 @@ def diffusers_models(models, family):
     unet = UNet2DConditionModel(**dcfg).eval()
     unet.load_state_dict(su.convert_ldm_unet_checkpoint(sd, dcfg), strict=True)
 
-    def load(module, state):  # every key (position ids aside: transformers makes them), none left over
-        if not any(k.startswith("text_model.") for k in module.state_dict()):
-            state = {k.removeprefix("text_model."): v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if "position_ids" not in k}
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        assert not [k for k in missing if "position_ids" not in k] and not unexpected, (missing, unexpected)
-        return module.eval()
-
+    towers = hf_text_towers(cfg, sd)
     if family == "sd1":
-        hf = load(hf_text_model(cfg.text), su.convert_ldm_clip_checkpoint(sd))
-        return unet, [(hf, "text_encoder", 49407, lambda m, tok: m(tok).last_hidden_state)]
+        return unet, [(towers[0][0], "text_encoder", 49407, lambda m, tok: m(tok).last_hidden_state)]
     if family == "sd2":
-        hf = hf_text_model(cfg.text)
-        load(hf, su.convert_open_clip_checkpoint(hf, sd))
         feats = lambda m, tok: m.final_layer_norm(m(tok, output_hidden_states=True).hidden_states[-2])  # noqa: E731
-        return unet, [(hf, "text_encoder", 0, feats)]
-
-    def tower(t, projection):
-        config = CLIPTextConfig(
-            vocab_size=t.vocab_size,
-            hidden_size=t.width,
-            intermediate_size=4 * t.width,
-            num_hidden_layers=t.layers,
-            num_attention_heads=t.heads,
-            max_position_embeddings=t.context_length,
-            hidden_act="quick_gelu" if t.arch == "clip" else "gelu",
-            projection_dim=t.embed_dim,
-        )
-        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-
-    clip_l = tower(cfg.text, False)
-    load(clip_l, su.convert_ldm_clip_checkpoint(sd, "conditioner.embedders.0.transformer."))
-    big_g = tower(cfg.text2, True)
-    load(big_g, su.convert_open_clip_checkpoint(big_g, sd, "conditioner.embedders.1.model."))
+        return unet, [(towers[0][0], "text_encoder", 0, feats)]
     penultimate = lambda m, tok: m(tok, output_hidden_states=True).hidden_states[-2]  # noqa: E731
+    (clip_l, _), (big_g, _) = towers
     return unet, [(clip_l, "text_encoder", 49407, penultimate), (big_g, "text_encoder_2", 0, penultimate)]
 
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers.loaders import single_file_utils as su
-from helpers import hf_text_model, random_model
+from helpers import hf_text_towers
 from safetensors.torch import load_file, save_file
 
-from ldm_sce import PRESETS, CheckpointError, load_model, save_checkpoint
+from ldm_sce import CheckpointError, load_model
 from ldm_sce.prompts import encode_prompts, load_embedding, parse_prompt_attention, prompt_chunks
 from ldm_sce.text_encoders import EOT, SOT, _bpe
 
@@ -44,51 +43,15 @@ def test_a_weight_that_is_no_number_is_an_error(prompt):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prompts")
-    out = {}
-    for family, preset in (("sd1", "tiny-sd1"), ("sd2", "tiny-sd2"), ("sdxl", "tiny-sdxl")):
-        path = root / f"{preset}.safetensors"
-        save_checkpoint(random_model(PRESETS[preset], seed=len(out) + 40), path, metadata=False)
-        out[family] = (load_model(path, config=preset), load_file(path), PRESETS[preset])
-    return out
+def models(tiny_files):
+    """{family: (our model, the file's state dict, config)}."""
+    return {f: (load_model(path, config=cfg), load_file(path), cfg) for f, (path, cfg) in tiny_files.items()}
 
 
 def oracle(models, family):
     """transformers' text towers from the checkpoint (diffusers' conversion), as (module, pad)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    model, sd, cfg = models[family]
-
-    def load(module, state):
-        if not any(k.startswith("text_model.") for k in module.state_dict()):
-            state = {k.removeprefix("text_model."): v for k, v in state.items()}
-        module.load_state_dict({k: v for k, v in state.items() if "position_ids" not in k}, strict=False)
-        return module.eval()
-
-    if family == "sd1":
-        return [(load(hf_text_model(cfg.text), su.convert_ldm_clip_checkpoint(sd)), EOT)]
-    if family == "sd2":
-        hf = hf_text_model(cfg.text)
-        return [(load(hf, su.convert_open_clip_checkpoint(hf, sd)), 0)]
-
-    def tower(t, projection):
-        c = CLIPTextConfig(
-            vocab_size=t.vocab_size,
-            hidden_size=t.width,
-            intermediate_size=4 * t.width,
-            num_hidden_layers=t.layers,
-            num_attention_heads=t.heads,
-            max_position_embeddings=t.context_length,
-            hidden_act="quick_gelu" if t.arch == "clip" else "gelu",
-            projection_dim=t.embed_dim,
-        )
-        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(c)
-
-    clip_l = load(tower(cfg.text, False), su.convert_ldm_clip_checkpoint(sd, "conditioner.embedders.0.transformer."))
-    big_g = tower(cfg.text2, True)
-    load(big_g, su.convert_open_clip_checkpoint(big_g, sd, "conditioner.embedders.1.model."))
-    return [(clip_l, EOT), (big_g, 0)]
+    _, sd, cfg = models[family]
+    return hf_text_towers(cfg, sd)
 
 
 def ids(text):

@@ -16,9 +16,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.loaders import single_file_utils as su
-from helpers import random_model
+from helpers import hf_text_model, load_hf, random_model
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ldm_sce import PRESETS, CheckpointError, LatentDiffusion, load_model, sample, save_checkpoint
 from ldm_sce.config import TextConfig, to_compvis_yaml
@@ -106,23 +105,7 @@ def test_vector_is_pooled_text_and_diffusers_size_embeddings(sdxl, ref_unet):
 
 
 def hf_tower(t: TextConfig, projection: bool):
-    config = CLIPTextConfig(
-        vocab_size=t.vocab_size,
-        hidden_size=t.width,
-        intermediate_size=4 * t.width,
-        num_hidden_layers=t.layers,
-        num_attention_heads=t.heads,
-        max_position_embeddings=t.context_length,
-        hidden_act="quick_gelu" if t.arch == "clip" else "gelu",
-        projection_dim=t.embed_dim,
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
-
-
-def load_strict(module, sd):
-    """Every key of `module` from sd (position_ids aside: transformers makes them itself), none left over."""
-    missing, unexpected = module.load_state_dict({k: v for k, v in sd.items() if "position_ids" not in k}, strict=False)
-    assert not [k for k in missing if "position_ids" not in k] and not unexpected, (missing, unexpected)
+    return hf_text_model(t, projection=projection).eval()
 
 
 def test_both_text_towers_and_the_pooled_output_match_transformers(sdxl):
@@ -130,9 +113,9 @@ def test_both_text_towers_and_the_pooled_output_match_transformers(sdxl):
     prompts = ["a red cat on a mat", "a photograph of an astronaut riding a horse on mars"]
     clip_l = hf_tower(cfg.text, projection=False)
     converted = su.convert_ldm_clip_checkpoint(sd, "conditioner.embedders.0.transformer.")
-    load_strict(clip_l, {k.removeprefix("text_model."): v for k, v in converted.items()})
+    load_hf(clip_l, {k.removeprefix("text_model."): v for k, v in converted.items()})
     big_g = hf_tower(cfg.text2, projection=True)
-    load_strict(big_g, su.convert_open_clip_checkpoint(big_g, sd, "conditioner.embedders.1.model."))
+    load_hf(big_g, su.convert_open_clip_checkpoint(big_g, sd, "conditioner.embedders.1.model."))
     with torch.no_grad():
         c = model.get_learned_conditioning(prompts)
         hidden_l = clip_l(tokenize(prompts, pad=49407), output_hidden_states=True).hidden_states[-2]

@@ -159,9 +159,10 @@ def test_text_lora_settings_are_checked(tiny_ckpts, dataset, tmp_path):
         Trainer(load_train_config(sd2))
 
 
-@pytest.mark.slow
-def test_text_sce_under_torchrun_two_processes_match_one(tiny_ckpts, dataset, tmp_path):
-    """DDP reduces the text LoRA's gradients too (they are made outside the UNet's forward)."""
+def torchrun_1_and_2(tmp_path, make_config) -> dict:
+    """The exported tuner of the same run under torchrun with 1 and with 2 processes. Adam's eps >> |g| and a
+    large lr make the update linear in the gradient, so the all-reduce's round-off stays round-off (see
+    test_training.py's DDP test)."""
     import os
     import subprocess
     import sys
@@ -172,25 +173,31 @@ def test_text_sce_under_torchrun_two_processes_match_one(tiny_ckpts, dataset, tm
     for n in (1, 2):
         run_dir = tmp_path / f"p{n}"
         run_dir.mkdir()
-        cfg = write_config(
-            run_dir,
-            tiny_ckpts["sd1"][1],
-            dataset,
-            method={"name": "sc", "text_lora_rank": 2},
-            optim={"max_steps": 2, "batch_size": 4, "eps": 1.0, "lr": 0.5},  # eps >> |g|: see test_training.py
-        )
+        cfg = make_config(run_dir)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
         r = subprocess.run(
-            [*cmd, str(root / "tools" / "train.py"), "--base", str(cfg)],
+            [*cmd, str(root / "tools" / "train.py"), "--base", str(cfg), "optim.eps=1.0", "optim.lr=0.5"],
             capture_output=True,
             text=True,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         assert r.returncode == 0, r.stderr[-3000:]
         results[n] = load_file(run_dir / "out" / "sc_tuner.safetensors")
-    assert any(k.startswith("lora_te") for k in results[1])
     for k in results[1]:
         torch.testing.assert_close(results[2][k], results[1][k], rtol=1e-5, atol=1e-7)
+    return results
+
+
+@pytest.mark.slow
+def test_text_sce_under_torchrun_two_processes_match_one(tiny_ckpts, dataset, tmp_path):
+    """DDP reduces the text LoRA's gradients too (they are made outside the UNet's forward)."""
+    results = torchrun_1_and_2(
+        tmp_path,
+        lambda d: write_config(
+            d, tiny_ckpts["sd1"][1], dataset, method={"text_lora_rank": 2}, optim={"max_steps": 2, "batch_size": 4}
+        ),
+    )
+    assert any(k.startswith("lora_te") for k in results[1])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,29 +288,7 @@ def test_bucket_training_uses_each_bucket_shape_and_resumes_bitwise(tiny_ckpts, 
 
 @pytest.mark.slow
 def test_buckets_under_torchrun_two_processes_match_one(tiny_ckpts, photos, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    results = {}
-    for n in (1, 2):
-        run_dir = tmp_path / f"p{n}"
-        run_dir.mkdir()
-        cfg = bucket_config(run_dir, tiny_ckpts["sd1"][1], photos)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-        r = subprocess.run(
-            # eps >> |g| and a large lr: see test_training.py's DDP test
-            [*cmd, str(root / "tools" / "train.py"), "--base", str(cfg), "optim.eps=1.0", "optim.lr=0.5"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        assert r.returncode == 0, r.stderr[-3000:]
-        results[n] = load_file(run_dir / "out" / "sc_tuner.safetensors")
-    for k in results[1]:
-        torch.testing.assert_close(results[2][k], results[1][k], rtol=1e-5, atol=1e-7)
+    torchrun_1_and_2(tmp_path, lambda d: bucket_config(d, tiny_ckpts["sd1"][1], photos))
 
 
 # ---------------------------------------------------------------------------------------------------------
