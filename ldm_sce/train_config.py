@@ -42,6 +42,7 @@ class DataSection:
     # keep VAE posteriors and text features on disk here, keyed by the image's content, its size, the caption
     # and the weights that made them: reused across runs, recomputed when any of them changes
     cache_dir: str | None = None
+    workers: int = 0  # threads decoding a batch's images in parallel (PIL and OpenCV release the GIL); 0: none
     # aspect-ratio buckets (kohya's): sides multiples of bucket_reso_steps, area <= resolution^2
     buckets: bool = False
     min_bucket_reso: int = 256
@@ -142,6 +143,7 @@ class TrainConfig:
             if d.buckets and d.min_bucket_reso > d.max_bucket_reso
             else "",
             _integer("data.keep_tokens", d.keep_tokens, 0),
+            _integer("data.workers", d.workers, 0, 256),
             "data.caption_extension must start with '.' (e.g. .txt, .caption)"
             if not d.caption_extension.startswith(".")
             else "",
@@ -225,6 +227,7 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 # Settings a resumed run may change: they do not change what the steps compute (max_steps only where the run
 # ends, and with a cosine schedule where its learning rate goes; the caches return what they stored, bitwise).
 RESUMABLE = {"optim.max_steps", "output_dir", "save_every", "keep_last", "log_every", "data.cache", "data.cache_dir"}
+RESUMABLE |= {"data.workers"}
 RESUMABLE_SECTIONS = ("validation.",)
 
 

@@ -137,6 +137,7 @@ class Trainer:
         self._posteriors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # data.cache: item -> (mean, std)
         self._texts: dict[str, torch.Tensor] = {}  # data.cache: caption -> features
         self.disk = DiskCache(Path(cfg.data.cache_dir), self.model) if cfg.data.cache_dir else None
+        self._pool = None  # data.workers: threads that decode a batch's images
         self.step_module = TrainStep(self.model, self.method, cfg.min_snr_gamma)
         self.ddp = (
             nn.parallel.DistributedDataParallel(
@@ -275,8 +276,8 @@ class Trainer:
         share = len(idx) // self.world
         mine = list(enumerate(keys))[self.rank * share : (self.rank + 1) * share]
         rows = []
-        for slot, (epoch, i) in mine:
-            item = self.data[epoch, i]
+        items = self._load_items([key for _, key in mine])
+        for (slot, _), item in zip(mine, items, strict=True):
             if item is not None:
                 rows.append((slot, item))
         batch = collate([r for _, r in rows])
@@ -306,6 +307,17 @@ class Trainer:
             out["cond"] = batch["cond"].to(dev)
         out["weight"] = len(rows) / share  # share of this rank's slots that held a readable image
         return out
+
+    def _load_items(self, keys: list[tuple[int, int]]) -> list[dict | None]:
+        """The dataset items (decoded, resized, conditions made) of `keys`, with data.workers threads in
+        parallel: each item depends only on its own key, so the result is the same with any number."""
+        if not self.cfg.data.workers or len(keys) < 2:
+            return [self.data[key] for key in keys]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.cfg.data.workers, thread_name_prefix="ldm-sce-data")
+        return list(self._pool.map(self.data.__getitem__, keys))
 
     def _posterior(self, i: int, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of q(z | image i); cached with data.cache / data.cache_dir (the sample is drawn fresh

@@ -325,3 +325,15 @@ def test_disk_cache_is_reused_across_runs_and_invalidated_by_a_changed_image(tin
     Image.new("RGB", (16, 16), (10, 200, 30)).save(data / "00.png")  # one image changes
     _, third_calls, t3 = run("third")
     assert len(third_calls) == 1 and len(list((cache / "latents").iterdir())) == 9  # only that image again
+
+
+def test_data_workers_give_the_same_training(tiny_ckpts, photos, tmp_path):
+    """Images decoded by worker threads: bitwise the same run (each item depends only on its key)."""
+    out = []
+    for workers in (0, 3):
+        d = tmp_path / f"w{workers}"
+        d.mkdir()
+        cfg = load_train_config(bucket_config(d, tiny_ckpts["sd1"][1], photos))
+        cfg.data.workers = workers
+        out.append(load_file(Trainer(cfg).train()))
+    assert all(torch.equal(out[0][k], out[1][k]) for k in out[0])
