@@ -33,9 +33,10 @@ def test_unet(tmp_path):
 
 @pytest.mark.slow
 def test_infer_with_peers(tmp_path):
-    result, _ = bench(tmp_path, "infer", "--latent", 8, "--runs", 1, "--batch", 1, "--peers")
-    names = {"base", "sc", "csc1", "csc3", "sc+csc1", "diffusers", "diffusers+controlnet"}
+    result, _ = bench(tmp_path, "infer", "--latent", 8, "--runs", 1, "--batch", 1, "--peers", "--lora-rank", 2)
+    names = {"base", "sc", "csc1", "csc3", "sc+csc1", "diffusers", "diffusers+controlnet", "lora2", "sc+lora2", "sc_x2"}
     assert set(result["seconds_median"]) == names
+    assert {"lora2", "sc_x2"} <= set(result["isolated_edit_seconds"])
     assert result["overhead_vs_base"]["base"] == 0.0 and result["isolated_edit_seconds"]["base"] >= 0
     assert set(result["hint_seconds_once_per_image"]) == {"csc1", "csc3"}
 
