@@ -22,6 +22,8 @@ the loop is exactly as without), applied in list order. A new one is a subclass 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -35,11 +37,12 @@ FREEU_PRESETS = {  # (b1, b2, s1, s2), from the FreeU repository's README
 FREEU_RULES = ("official", "diffusers")
 
 
-class SkipEdit(nn.Module):
+class SkipEdit(nn.Module, ABC):
     """The interface: (decoder block m, backbone h [B, C_h, H, W], skip [B, C_m, H, W]) -> (h, skip)."""
 
+    @abstractmethod
     def forward(self, m: int, h: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """The edited (h, skip) at decoder block m."""
 
 
 class SkipScale(SkipEdit):
