@@ -61,6 +61,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--schedule", choices=SCHEDULES, help="sigma schedule (default: Karras for DPM++, else uniform)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale phi (Lin et al. 2024), 0..1")
+    p.add_argument(
+        "--zero-terminal-snr",
+        action="store_true",
+        help="sample on the schedule rescaled to zero terminal SNR (Lin et al. 2024) that a v model was trained "
+        "with (training's zero_terminal_snr): ddim, trailing timesteps by default",
+    )
     p.add_argument("--plms", action="store_true", help="same as --sampler plms")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--n_iter", type=int, default=1, help="sample this often")
@@ -286,6 +292,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--control-start {args.control_start} is after --control-end {args.control_end}")
     if args.sampler == "plms" and args.ddim_eta != 0:
         raise UsageError("--ddim_eta must be 0 with PLMS")
+    if args.zero_terminal_snr and args.sampler != "ddim":
+        raise UsageError(f"--zero-terminal-snr samples with ddim only, got --sampler {args.sampler}")
     if args.ckpt is None:
         if not DEFAULT_CKPT.is_file():
             raise UsageError(
@@ -334,6 +342,11 @@ def load(args: argparse.Namespace) -> LatentDiffusion:
     )
     if args.offload:
         model.model.to(args.device)
+    if args.zero_terminal_snr:
+        try:
+            model.set_zero_terminal_snr()
+        except ValueError as e:
+            raise UsageError(f"--zero-terminal-snr: {e} (--parameterization v for a v model)") from None
     compile_unet(model.model.diffusion_model, args.compile)
     return model
 
@@ -422,7 +435,7 @@ def decode(model: LatentDiffusion, z: torch.Tensor, args: argparse.Namespace) ->
 
 
 def spacing(model: LatentDiffusion, args: argparse.Namespace) -> str:
-    return args.spacing or ("trailing" if model.cfg.family == "sdxl" else "compvis")
+    return args.spacing or ("trailing" if model.cfg.family == "sdxl" or model.zero_snr else "compvis")
 
 
 def check_size(model: LatentDiffusion, h: int, w: int) -> None:
@@ -470,6 +483,8 @@ def extra_params(args: argparse.Namespace, model: LatentDiffusion | None = None)
         extra["Schedule"] = spacing(model, args)
     if args.guidance_rescale:
         extra["CFG rescale"] = args.guidance_rescale
+    if args.zero_terminal_snr:
+        extra["Zero terminal SNR"] = True
     if model is not None and model.cfg.family == "sdxl":
         extra.update({"Original size": args.original_size, "Crop": args.crop_coords, "Target size": args.target_size})
         extra = {k: ("-".join(map(str, v)) if isinstance(v, list) else v) for k, v in extra.items() if v is not None}

@@ -28,7 +28,8 @@ from PIL import Image
 
 from .conditions import condition_tensor, make_condition, resize_center_crop_box
 from .config import ConfigError
-from .images import ImageError, load_image
+from .images import ImageError, decode_image, load_image
+from .shards import COND_PARTS, Sample
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -173,18 +174,42 @@ class TrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict | None:
         epoch, i = key
         item = self.items[i]
+        cond = (lambda: load_image(Path(self.condition_dir) / item.image.name)) if self.condition_dir else None
+        size = self.sizes[i] if self.sizes is not None else None
         rng = np.random.default_rng([self.seed, epoch, i])
-        width, height = self.sizes[i] if self.sizes is not None else (self.resolution, self.resolution)
+        return self._make(lambda: load_image(item.image), item.image, item.caption, rng, size, cond)
+
+    def from_shard(self, sample: Sample, size: tuple[int, int] | None = None) -> dict | None:
+        """The item of a tar-shard sample (`shards.py`), its random choices seeded by (seed, epoch, sample)."""
+        name = f"{sample.shard}:{sample.key}.{sample.image_part}"
+        caption = (sample.read("txt") or b"").decode("utf-8", errors="replace").strip()
+        cond = None
+        if self.condition == "raw":  # precomputed conditions: the sample's cond part
+            part = next((p for p in COND_PARTS if sample.part(p) is not None), None)
+            if part is None:
+                log.warning("skipping %s: it has no %s part (the precomputed condition)", name, " or ".join(COND_PARTS))
+                self.bad.add(Path(name))
+                return None
+            cond = lambda: decode_image(sample.read(part), f"{sample.shard}:{sample.key}.{part}")  # noqa: E731
+        rng = np.random.default_rng([self.seed, sample.epoch, sample.uid])
+        return self._make(
+            lambda: decode_image(sample.read(sample.image_part), name), Path(name), caption, rng, size, cond
+        )
+
+    def _make(self, load, name: Path, caption: str, rng: np.random.Generator, size, load_cond) -> dict | None:
+        """The item made from the image `load()` gives (resized to `size` (width, height), or the square
+        resolution), its caption and condition (`load_cond()`: a precomputed one), or None if it is unreadable."""
+        width, height = size if size is not None else (self.resolution, self.resolution)
         try:
-            original = load_image(item.image)
+            original = load()
             img, (top, left) = resize_center_crop_box(original, width, height)
         except ImageError as e:
-            if item.image not in self.bad:
-                log.warning("skipping unreadable image %s (%s)", item.image, e)
-            self.bad.add(item.image)
+            if name not in self.bad:
+                log.warning("skipping unreadable image %s (%s)", name, e)
+            self.bad.add(name)
             return None
         dropped = rng.random() < self.caption_dropout
-        text = process_caption(item.caption, rng, self.keep_tokens, self.tag_dropout, self.shuffle_caption)
+        text = process_caption(caption, rng, self.keep_tokens, self.tag_dropout, self.shuffle_caption)
         caption = "" if dropped else self.trigger + text + self.suffix
         arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         # SDXL's micro-conditioning, as it was trained: the original size, the crop and the target size
@@ -197,12 +222,17 @@ class TrainDataset(torch.utils.data.Dataset):
         }
         if self.condition:
             ch, cw = self.condition_size(height, width) if self.condition_size else (self.cond_resolution,) * 2
-            out["cond"] = condition_tensor(self._condition(img, item, rng, cw, ch))[0]
+            try:
+                out["cond"] = condition_tensor(self._condition(img, load_cond, rng, cw, ch))[0]
+            except ImageError as e:
+                log.warning("skipping %s: its condition image is unreadable (%s)", name, e)
+                self.bad.add(name)
+                return None
         return out
 
-    def _condition(self, img: Image.Image, item: Item, rng: np.random.Generator, w: int, h: int) -> np.ndarray:
-        if self.condition_dir:  # checked to exist before training (`missing_conditions`)
-            return make_condition("raw", load_image(Path(self.condition_dir) / item.image.name), w, h)
+    def _condition(self, img: Image.Image, load_cond, rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+        if load_cond is not None:  # precomputed (checked to exist before training, or a shard's cond part)
+            return make_condition("raw", load_cond(), w, h)
         thresholds = (int(rng.integers(50, 101)), int(rng.integers(200, 351))) if self.random_thresholds else (100, 200)
         return make_condition(self.condition, img, w, h, seed=int(rng.integers(2**31)), thresholds=thresholds)
 

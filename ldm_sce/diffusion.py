@@ -34,9 +34,26 @@ def discrete_sigmas(linear_start: float, linear_end: float, timesteps: int) -> t
     return ((1.0 - ac) / ac).float().sqrt()
 
 
-def make_schedule(linear_start: float, linear_end: float, timesteps: int) -> dict[str, torch.Tensor]:
-    """The 'linear' DDPM schedule of SD (betas linear in sqrt space), computed in float64, stored float32."""
+def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas rescaled to zero terminal SNR (Lin et al. 2024, Algorithm 1): sqrt(alphas_cumprod) shifted and
+    scaled so that its first value is kept and its last is 0 (at t = T the model sees pure noise, as it does
+    when sampling starts). Only a v-prediction model can be trained on it (eps is undefined at SNR 0)."""
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    ac = root**2
+    alphas = torch.cat([ac[:1], ac[1:] / ac[:-1]])
+    return 1.0 - alphas
+
+
+def make_schedule(
+    linear_start: float, linear_end: float, timesteps: int, zero_snr: bool = False
+) -> dict[str, torch.Tensor]:
+    """The 'linear' DDPM schedule of SD (betas linear in sqrt space), computed in float64, stored float32;
+    zero_snr: rescaled to zero terminal SNR (`zero_terminal_snr`)."""
     betas = _betas(linear_start, linear_end, timesteps)
+    if zero_snr:
+        betas = zero_terminal_snr(betas)
     alphas = 1.0 - betas
     ac = torch.cumprod(alphas, dim=0)
     ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
@@ -109,17 +126,32 @@ class LatentDiffusion(nn.Module):
         self.parameterization = cfg.parameterization
         self.scale_factor = cfg.scale_factor
         self.num_timesteps = cfg.timesteps
-        for name, value in make_schedule(cfg.linear_start, cfg.linear_end, cfg.timesteps).items():
-            self.register_buffer(name, value, persistent=cfg.text2 is None)
+        self.zero_snr = False
+        self._register_schedule()
+
+    def _register_schedule(self, device: torch.device | None = None) -> None:
+        cfg = self.cfg
+        for name, value in make_schedule(cfg.linear_start, cfg.linear_end, cfg.timesteps, self.zero_snr).items():
+            self.register_buffer(name, value if device is None else value.to(device), persistent=cfg.text2 is None)
+
+    def set_zero_terminal_snr(self, on: bool = True) -> LatentDiffusion:
+        """Train (or sample) on the schedule rescaled to zero terminal SNR (Lin et al. 2024); v prediction only.
+        Sampling from it: DDIM (the k-diffusion samplers need a finite largest sigma)."""
+        if on and self.parameterization != "v":
+            raise ValueError(
+                "zero terminal SNR needs a v-prediction model (eps cannot be predicted from pure noise); this "
+                f"model predicts {self.parameterization}"
+            )
+        self.zero_snr = on
+        self._register_schedule(self.betas.device)
+        return self
 
     def _apply(self, fn, recurse=True):
         """As nn.Module's (which .to(dtype), .half() and .bfloat16() go through), but the noise schedule stays
         float32: a half-precision copy rounds alphas_cumprod near t = 0 to 1, which breaks sampling."""
         super()._apply(fn, recurse)
         if any(getattr(self, name).dtype != torch.float32 for name in SCHEDULE_BUFFERS):
-            cfg = self.cfg
-            for name, value in make_schedule(cfg.linear_start, cfg.linear_end, cfg.timesteps).items():
-                self.register_buffer(name, value.to(getattr(self, name).device), persistent=cfg.text2 is None)
+            self._register_schedule(self.betas.device)
         return self
 
     # -- conditioning ----------------------------------------------------------------------------------

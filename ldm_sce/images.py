@@ -65,17 +65,28 @@ def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image not found: {path}")
+    return _open(path, str(path))
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """As `load_image`, for an encoded image in memory (e.g. a tar shard's member); `name` for messages."""
+    import io
+
+    return _open(io.BytesIO(data), name)
+
+
+def _open(source, name: str) -> Image.Image:
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.seek(0)
             im.load()
-            return to_rgb(im, str(path))
+            return to_rgb(im, name)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: {e}") from e
+        raise ImageError(f"{name}: {e}") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageError(f"cannot read image {path}: not an image or a truncated file ({e})") from e
+        raise ImageError(f"cannot read image {name}: not an image or a truncated file ({e})") from e
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

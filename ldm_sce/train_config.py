@@ -14,6 +14,7 @@ import yaml
 
 from .config import ConfigError, build_dataclass
 from .methods import METHODS, MethodSection
+from .shards import is_shards
 
 
 @dataclass
@@ -28,7 +29,10 @@ class ModelSection:
 
 @dataclass
 class DataSection:
+    # an image folder (captions beside the images, `N_name` subfolders), train.csv, metadata.jsonl, or tar
+    # shards streamed in WebDataset's layout (a .tar, a folder of them, a glob or {000..099} braces: shards.py)
     path: str = ""
+    shuffle_buffer: int = 1000  # tar shards: samples in the shuffle buffer (references, not images)
     resolution: int = 512
     trigger: str = ""  # prefix of every caption, e.g. "<sce> "
     suffix: str = ""  # appended to every caption, e.g. " zqx style" (kohya's caption_suffix)
@@ -101,6 +105,9 @@ class TrainConfig:
     # min-SNR-gamma loss weighting (Hang et al. 2023): each sample's loss times min(SNR_t, gamma) / SNR_t for eps
     # prediction, / (SNR_t + 1) for v; 0: off (plain MSE). 5 is the paper's value.
     min_snr_gamma: float = 0.0
+    # train on the schedule rescaled to zero terminal SNR (Lin et al. 2024; v-prediction models, e.g. SD2-v):
+    # at t = T the model sees pure noise, as when sampling starts; sample the result with --zero-terminal-snr
+    zero_terminal_snr: bool = False
     seed: int = 0
     output_dir: str = "outputs/train"
     save_every: int = 500  # 0: only at the end
@@ -113,7 +120,8 @@ class TrainConfig:
             raise ConfigError(f"method.name must be one of {', '.join(METHODS)}, got {self.method.name!r}")
         o, d, v = self.optim, self.data, self.validation
         errors = [
-            *METHODS[self.method.name].check(self.method, d.condition_dir),
+            # tar shards carry precomputed conditions as a part of each sample (shards.py)
+            *METHODS[self.method.name].check(self.method, d.condition_dir or ("shards" if is_shards(d.path) else None)),
             _choice("precision", self.precision, ("fp32", "bf16", "fp16")),
             _choice("compile", self.compile, ("none", "blocks", "full")),
             _choice("model.dtype", self.model.dtype, ("fp32", "bf16", "fp16")),
@@ -144,6 +152,7 @@ class TrainConfig:
             else "",
             _integer("data.keep_tokens", d.keep_tokens, 0),
             _integer("data.workers", d.workers, 0, 256),
+            _integer("data.shuffle_buffer", d.shuffle_buffer, 1),
             "data.caption_extension must start with '.' (e.g. .txt, .caption)"
             if not d.caption_extension.startswith(".")
             else "",

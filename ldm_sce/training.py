@@ -43,6 +43,7 @@ from .data import TrainDataset, collate, image_size, scan
 from .diffusion import Cond, LatentDiffusion
 from .images import ImageError, load_image
 from .methods import Method, build_method
+from .shards import Sample, ShardStream, image_size_bytes, is_shards, shard_list
 from .train_config import OptimSection, TrainConfig, config_changes, load_train_config
 from .unet import compile_unet
 
@@ -117,6 +118,11 @@ class Trainer:
         self.model = load_model(
             cfg.model.ckpt, cfg.model.config, cfg.model.parameterization, dtype=dtype, device=self.device
         )
+        if cfg.zero_terminal_snr:
+            try:
+                self.model.set_zero_terminal_snr()
+            except ValueError as e:
+                raise ConfigError(f"zero_terminal_snr: {e}; for a v model, set model.parameterization=v") from None
         self.model.first_stage_model.float()  # the VAE encodes in fp32 (SDXL's overflows in fp16)
         multiple = self.model.cfg.image_multiple
         if cfg.data.resolution % multiple:
@@ -152,10 +158,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
-        # -- data --
+        # -- data: a map-style dataset of listed items, or a stream of tar shards (shards.py) --
         d = cfg.data
+        streaming = is_shards(d.path)
+        if streaming and d.cache:
+            raise ConfigError(
+                "data.cache keeps every image's latents in memory, which tar shards are for avoiding: use "
+                "data.cache_dir (on disk) instead"
+            )
         self.data = TrainDataset(
-            scan(d.path, d.caption_extension),
+            [] if streaming else scan(d.path, d.caption_extension),
             d.resolution,
             cond_resolution=self.model.cfg.condition_size(d.resolution, d.resolution)[0],
             seed=cfg.seed,
@@ -169,10 +181,14 @@ class Trainer:
             condition_dir=d.condition_dir,
             random_thresholds=cfg.method.random_thresholds,
         )
-        self._check_images()
         self._bucket_batches: dict[int, list[list[int]]] = {}
-        if d.buckets:
-            self._assign_buckets()
+        self.stream = None
+        if streaming:
+            self._open_stream()
+        else:
+            self._check_images()
+            if d.buckets:
+                self._assign_buckets()
         self.step = 0
         self.ema = [p.detach().clone().float() for p in self.params] if cfg.ema.decay else None
         if state is not None:
@@ -224,13 +240,18 @@ class Trainer:
                     f"e.g. {missing[:3]} (each needs the same file name)"
                 )
 
-    def _assign_buckets(self) -> None:
-        """Each image's aspect-ratio bucket (`buckets.py`), from its header; the dataset then makes it at that
-        size. Logged: the buckets used and their image counts."""
+    def _buckets(self) -> list[tuple[int, int]]:
         d, multiple = self.cfg.data, self.model.cfg.image_multiple
         if d.bucket_reso_steps % multiple:
             raise ConfigError(f"data.bucket_reso_steps {d.bucket_reso_steps}: this model takes multiples of {multiple}")
-        buckets = make_buckets(d.resolution, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
+        self.data.condition_size = self.model.cfg.condition_size
+        return make_buckets(d.resolution, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
+
+    def _assign_buckets(self) -> None:
+        """Each image's aspect-ratio bucket (`buckets.py`), from its header; the dataset then makes it at that
+        size. Logged: the buckets used and their image counts."""
+        d = self.cfg.data
+        buckets = self._buckets()
         sizes = []
         for item in self.data.items:
             size = (d.resolution, d.resolution)
@@ -238,13 +259,54 @@ class Trainer:
                 size = assign(image_size(item.image), buckets, d.resolution, d.bucket_reso_steps, d.bucket_no_upscale)
             sizes.append(size)
         self.data.sizes = sizes
-        self.data.condition_size = self.model.cfg.condition_size
         counts: dict = {}
         for size in sizes:
             counts[size] = counts.get(size, 0) + 1
         log.info(
             "aspect-ratio buckets (width x height: images): %s", {f"{w}x{h}": n for (w, h), n in sorted(counts.items())}
         )
+
+    def _open_stream(self) -> None:
+        """This process's stream of tar-shard batches (its share of each global batch), with buckets if asked
+        (each sample's bucket from its image header)."""
+        d = self.cfg.data
+        bucket_of = None
+        if d.buckets:
+            buckets = self._buckets()
+
+            def bucket_of(sample: Sample) -> tuple[int, int] | None:
+                try:
+                    size = image_size_bytes(sample.read(sample.image_part))
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                    name = Path(f"{sample.shard}:{sample.key}.{sample.image_part}")
+                    if name not in self.data.bad:
+                        log.warning("skipping unreadable image %s (%s)", name, e)
+                    self.data.bad.add(name)
+                    return None
+                return assign(size, buckets, d.resolution, d.bucket_reso_steps, d.bucket_no_upscale)
+
+        share = self.cfg.optim.batch_size // self.world
+        self.stream = ShardStream(
+            shard_list(d.path),
+            batch=share,
+            seed=self.cfg.seed,
+            rank=self.rank,
+            world=self.world,
+            buffer=d.shuffle_buffer,
+            bucket_of=bucket_of,
+        )
+        self._stream_batches, self._stream_next = self.stream.batches(), 0
+
+    def _stream_batch(self, micro: int) -> list[Sample]:
+        """This process's samples of micro-batch `micro`: the stream replayed (references only) up to it on a
+        resume, then read in order."""
+        if micro < self._stream_next:
+            self._stream_batches, self._stream_next = self.stream.batches(), 0
+        while self._stream_next < micro:
+            next(self._stream_batches)
+            self._stream_next += 1
+        self._stream_next += 1
+        return next(self._stream_batches)
 
     # -- data order: a permutation per epoch (or the epoch's bucket batches); the global batch of a
     # micro-step is a slice of it --
@@ -271,27 +333,28 @@ class Trainer:
     @torch.no_grad()
     def _prepare(self, micro: int) -> dict | None:
         """This rank's share of global batch `micro`: noisy latents, timesteps, text features, targets."""
-        keys = self._global_indices(micro)
-        idx = [i for _, i in keys]
-        share = len(idx) // self.world
-        mine = list(enumerate(keys))[self.rank * share : (self.rank + 1) * share]
-        rows = []
-        items = self._load_items([key for _, key in mine])
-        for (slot, _), item in zip(mine, items, strict=True):
-            if item is not None:
-                rows.append((slot, item))
-        batch = collate([r for _, r in rows])
+        share = self.cfg.optim.batch_size // self.world
+        if self.stream is not None:  # ident: the sample (cache key by content)
+            samples = self._stream_batch(micro)
+            mine = [(self.rank * share + k, sample) for k, sample in enumerate(samples)]
+            items = self._load_items(samples, lambda sample: self.data.from_shard(sample, sample.size))
+        else:  # ident: the item's index
+            keys = self._global_indices(micro)[self.rank * share : (self.rank + 1) * share]
+            mine = [(self.rank * share + k, i) for k, (_, i) in enumerate(keys)]
+            items = self._load_items(keys, self.data.__getitem__)
+        rows = [(slot, ident, item) for (slot, ident), item in zip(mine, items, strict=True) if item is not None]
+        batch = collate([item for _, _, item in rows])
         if batch is None:
             return None
         model, dev = self.model, self.device
         img = batch["image"].to(dev)
         z = []
-        for (slot, _), i, im in zip(rows, [idx[slot] for slot, _ in rows], img, strict=True):
+        for (slot, ident, _), im in zip(rows, img, strict=True):
             g = _generator(self.cfg.seed, micro, slot, 1)
-            mean, std = self._posterior(i, im)
+            mean, std = self._posterior(ident, im)
             z.append(mean + std * torch.randn(mean.shape, generator=g).to(dev))
         z0 = model.scale_factor * torch.cat(z)
-        gens = [_generator(self.cfg.seed, micro, slot, 2) for slot, _ in rows]
+        gens = [_generator(self.cfg.seed, micro, slot, 2) for slot, _, _ in rows]
         t = torch.cat([torch.randint(0, model.num_timesteps, (1,), generator=g) for g in gens]).to(dev)
         noise = torch.cat([torch.randn((1, *z0.shape[1:]), generator=g) for g in gens])
         if self.cfg.noise_offset:
@@ -308,23 +371,29 @@ class Trainer:
         out["weight"] = len(rows) / share  # share of this rank's slots that held a readable image
         return out
 
-    def _load_items(self, keys: list[tuple[int, int]]) -> list[dict | None]:
-        """The dataset items (decoded, resized, conditions made) of `keys`, with data.workers threads in
-        parallel: each item depends only on its own key, so the result is the same with any number."""
+    def _load_items(self, keys: list, make) -> list[dict | None]:
+        """The dataset items `make(key)` (decoded, resized, conditions made) of `keys`, with data.workers
+        threads in parallel: each item depends only on its own key, so the result is the same with any number."""
         if not self.cfg.data.workers or len(keys) < 2:
-            return [self.data[key] for key in keys]
+            return [make(key) for key in keys]
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(self.cfg.data.workers, thread_name_prefix="ldm-sce-data")
-        return list(self._pool.map(self.data.__getitem__, keys))
+        return list(self._pool.map(make, keys))
 
-    def _posterior(self, i: int, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of q(z | image i); cached with data.cache / data.cache_dir (the sample is drawn fresh
-        each time)."""
-        if i in self._posteriors:
-            return self._posteriors[i]
-        key = self.disk.latent_key(self.data.items[i].image, tuple(image.shape[1:])) if self.disk else None
+    def _posterior(self, ident: int | Sample, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of q(z | image) of item `ident` (an index, or a shard sample); cached with data.cache /
+        data.cache_dir (the sample is drawn fresh each time)."""
+        if ident in self._posteriors:
+            return self._posteriors[ident]
+        key = None
+        if self.disk:
+            if isinstance(ident, int):
+                content = self.disk.file_hash(self.data.items[ident].image)
+            else:
+                content = _sha256(ident.read(ident.image_part))
+            key = self.disk.latent_key(content, tuple(image.shape[1:]))
         found = self.disk.get(key) if key else None
         if found is not None:
             mean, std = found["mean"].to(self.device), found["std"].to(self.device)
@@ -334,7 +403,7 @@ class Trainer:
             if key:
                 self.disk.put(key, {"mean": mean, "std": std})
         if self.cfg.data.cache:
-            self._posteriors[i] = (mean, std)
+            self._posteriors[ident] = (mean, std)
         return mean, std
 
     def _conditioning(self, batch: dict) -> Cond:
@@ -522,6 +591,7 @@ class Trainer:
             "data": self.cfg.data.path,
             "trigger": self.cfg.data.trigger,
             "suffix": self.cfg.data.suffix,
+            **({"zero_terminal_snr": True} if self.cfg.zero_terminal_snr else {}),
             "base_ckpt": self.cfg.model.ckpt,
         }
         if self.ema is not None:
@@ -559,6 +629,7 @@ class Trainer:
                 seed=list(v.seeds),
                 shape=model.cfg.latent_size(res, res),
                 tuning=tuning,
+                spacing="trailing" if model.zero_snr else None,  # Lin et al.: start at t = T
             )
             images += to_pil(model.decode_first_stage(z))
         path = self.out / "validation" / f"step-{self.step:06d}.png"
@@ -660,12 +731,17 @@ class DiskCache:
         (root / "text").mkdir(parents=True, exist_ok=True)
         self.hits = self.misses = 0
 
-    def latent_key(self, image: Path, shape: tuple[int, ...]) -> Path:
+    def file_hash(self, image: Path) -> str:
+        """The hash of a file's bytes, recomputed only when its modification time or size changes."""
         stat = image.stat()
         stamp = (stat.st_mtime_ns, stat.st_size)
         if self._files.get(image, (None,))[0] != stamp:
             self._files[image] = (stamp, _sha256(image.read_bytes()))
-        name = _sha256(f"{self._files[image][1]}:{shape}:{self.vae_id}".encode())
+        return self._files[image][1]
+
+    def latent_key(self, content: str, shape: tuple[int, ...]) -> Path:
+        """The entry of an image with content hash `content`, made at latent `shape`."""
+        name = _sha256(f"{content}:{shape}:{self.vae_id}".encode())
         return self.root / "latents" / f"{name}.safetensors"
 
     def text_key(self, caption: str) -> Path:

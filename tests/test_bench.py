@@ -112,3 +112,15 @@ def test_gpu_suite_dry_run_on_tiny_configs(tmp_path):
         assert report["jobs"][job]["max_abs_diff"] < 1e-4
     batches = {r["batch"] for r in report["jobs"]["train_sd15_sc"]["rows"]}
     assert batches == {1, 2} and "sc / lora_peft overhead" in md.read_text()
+
+
+@pytest.mark.slow
+def test_stream(tmp_path):
+    """`bench.py stream`: shards written, a streamed toy training per dataset size, its figures recorded."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "stream", "--samples", "30,90", "--per-shard", "20"]
+    r = subprocess.run([*cmd, "--steps", "2", "--batch", "2", "--json", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["samples"], row["shards"]) for row in rows] == [(30, 2), (90, 5)]
+    assert all(row["peak_rss_mb"] > 0 and row["median_step_seconds"] > 0 for row in rows)

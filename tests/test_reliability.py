@@ -154,6 +154,7 @@ def test_non_finite_images_are_never_written_as_black():
         (["--device", "cuda"], "CUDA is not available"),
         (["--device", "xla"], "only cpu, cuda and mps"),
         (["--plms", "--ddim_eta", 0.5], "must be 0 with PLMS"),
+        (["--zero-terminal-snr", "--sampler", "euler"], "--zero-terminal-snr samples with ddim only"),
         (["--from-file", "no-such-prompts.txt"], "cannot read prompts"),
         (["--config", "tiny-sd2"], "does not match"),
         (["--config", "no-such-preset"], "neither a preset"),

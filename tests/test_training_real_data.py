@@ -48,6 +48,37 @@ def test_min_snr_loss_is_the_weighted_mean_of_per_sample_losses(tiny_ckpts, data
     assert loss == pytest.approx((min_snr_weights(trainer.model, b["t"], 5.0) * per).mean().item(), rel=1e-6)
 
 
+def test_zero_terminal_snr_schedule_is_diffusers_and_trains_a_v_model(tiny_ckpts, dataset, tmp_path):
+    """Lin et al.'s rescaled schedule = diffusers' `rescale_zero_terminal_snr` on the same betas; SNR 0 at
+    t = T; a v model trains on it (min-SNR weight 0 there), samples with DDIM; an eps model is refused."""
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    from ldm_sce.sampling import sample
+
+    model = load_model(tiny_ckpts["sd1"][1], config="tiny-sd1", parameterization="v").set_zero_terminal_snr()
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    expected = torch.cumprod(1 - rescale_zero_terminal_snr(betas), 0).float()
+    torch.testing.assert_close(model.alphas_cumprod, expected, rtol=1e-6, atol=1e-9)
+    assert model.alphas_cumprod[-1] == 0 and model.sqrt_alphas_cumprod[0] == pytest.approx(schedule()[0] ** 0.5)
+    assert min_snr_weights(model, torch.tensor([999]), 5.0).item() == 0.0
+    c = model.get_learned_conditioning(["a red square"])
+    z = sample(model, c, model.get_unconditional_conditioning(c), steps=4, seed=0, spacing="trailing")
+    assert torch.isfinite(z).all()
+    with pytest.raises(ValueError, match="samples with ddim: euler"):
+        sample(model, c, None, sampler="euler", steps=4, seed=0)
+    with pytest.raises(ValueError, match="needs a v-prediction model"):
+        load_model(tiny_ckpts["sd1"][1], config="tiny-sd1").set_zero_terminal_snr()
+
+    cfg = load_train_config(write_config(tmp_path, tiny_ckpts["sd1"][1], dataset, zero_terminal_snr=True))
+    with pytest.raises(ConfigError, match="zero_terminal_snr: .*model.parameterization=v"):
+        Trainer(cfg)
+    cfg.model.parameterization, cfg.optim.max_steps = "v", 2
+    cfg.validation.prompts = ["a red square"]
+    trainer = Trainer(cfg)
+    assert trainer.model.alphas_cumprod[-1] == 0
+    assert read_tuner_file(trainer.train()).training["zero_terminal_snr"] is True
+
+
 def test_ema_follows_its_recurrence_exports_and_resumes_exactly(tiny_ckpts, dataset, tmp_path):
     ckpt = tiny_ckpts["sd1"][1]
     ema = {"decay": 0.9, "start_step": 1, "export": True}

@@ -32,6 +32,9 @@ precomputed text embeddings, output_type="latent": the VAE decode is not timed).
 diffusers' StableDiffusionControlNetPipeline with a ControlNet built from the same UNet.
 
     python tools/bench.py step --preset sd-v1 --steps 3 --runs 2 --scedit
+
+`stream` (bench_data.py): peak memory and step time of toy training streamed from tar shards, for growing
+dataset sizes. `gpu` (bench_gpu.py): the GPU suite in one command.
 """
 
 from __future__ import annotations
@@ -866,8 +869,10 @@ def main() -> None:
         p.add_argument("--precision", choices=sorted(DTYPES), default="fp32", help="autocast (fp16: a grad scaler)")
         p.add_argument("--frozen-dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the frozen base")
         p.add_argument("--methods" if name == "train" else "--method", default="sc,lora,full,csc1,csc3")
+    import bench_data
     import bench_gpu
 
+    bench_data.add_arguments(sub.add_parser("stream", help="peak memory of training streamed from tar shards"))
     bench_gpu.add_arguments(sub.add_parser("gpu", help="the GPU benchmark in one command (--tiny: a CPU dry run)"))
     one = sub.add_parser("gpu-one", help="one job of `gpu` (used by it)")
     one.add_argument("--job", choices=bench_gpu.JOBS, required=True)
@@ -879,6 +884,12 @@ def main() -> None:
         return
     if args.cmd == "unet-one":
         print(json.dumps(unet_one(args)))
+        return
+    if args.cmd == "stream":
+        import bench_data
+
+        print(f"streamed toy training, {args.steps} steps of batch {args.batch}, {machine()}")
+        bench_data.run(args)
         return
     if args.cmd in ("gpu", "gpu-one"):
         import bench_gpu
