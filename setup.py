@@ -30,7 +30,11 @@ setup(
             "ruff>=0.5",
             "hypothesis>=6",
             "matplotlib>=3.5",
+            "playwright>=1.40",  # drives Debian's chromium in the web UI's browser tests (no browser download)
         ],
+        # tools/webui.py: gradio, the field's standard for model web UIs (A1111, scepter Studio, ComfyUI's
+        # peers); 6.x for launch(theme=...) and gr.Timer
+        "ui": ["gradio>=6,<7"],
         # tools/analyze_skips.py: its plots (matplotlib, the field's standard plotting library)
         "analysis": ["matplotlib>=3.5"],
         # tools/bench.py train: peft's LoRA on diffusers' UNet, the baseline users would actually run

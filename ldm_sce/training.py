@@ -26,6 +26,7 @@ import math
 import os
 import random
 import resource
+import threading
 import time
 from pathlib import Path
 
@@ -190,6 +191,8 @@ class Trainer:
             if d.buckets:
                 self._assign_buckets()
         self.step = 0
+        # set from another thread (the web UI's Stop): the run saves a checkpoint after this step and returns
+        self.stopping = threading.Event()
         self.ema = [p.detach().clone().float() for p in self.params] if cfg.ema.decay else None
         if state is not None:
             self._restore(state)
@@ -451,6 +454,8 @@ class Trainer:
         return torch.stack(rows)
 
     def train(self) -> Path | None:
+        """Train to optim.max_steps; returns the exported result on rank 0 (None on other ranks, or when
+        `stopping` was set: then the last checkpoint holds the run)."""
         cfg, o = self.cfg, self.cfg.optim
         self.out.mkdir(parents=True, exist_ok=True)
         from tqdm.auto import tqdm
@@ -510,6 +515,11 @@ class Trainer:
                     self._save()
                 if cfg.validation.every and self.step % cfg.validation.every == 0:
                     self.sample_validation()
+            if self.stopping.is_set() and self.step < o.max_steps and self.world == 1:
+                bar.close()
+                self._save()  # resumable with --resume latest
+                self._log({"step": self.step, "stopped": True})
+                return None
         bar.close()
         if not all(torch.isfinite(p).all() for p in self.params):
             raise TrainingError(self._diverged("the trained weights hold NaN or inf"))

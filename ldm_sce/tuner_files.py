@@ -222,6 +222,21 @@ def read_tuner_file(path: str | Path) -> TunerFile:
     return _from_official(sd, path)
 
 
+def convert_tuner(src: str | Path, out: str | Path, base: str | None = None, condition: str | None = None) -> TunerFile:
+    """An official SCEdit tuner or controller (any layout `read_tuner_file` reads) written as one file of ours
+    at `out` (never over an existing file); base: the family it was trained on (sd1, sd2, sdxl); condition:
+    a controller's condition type. `tools/convert_tuner.py` and the web UI call this."""
+    tf = read_tuner_file(src)
+    tf.base = base or tf.base
+    if condition:
+        if tf.kind != "csc":
+            raise CheckpointError("a condition type applies to controllers (CSC-Tuners) only")
+        tf.condition = condition
+    tf.training = {**tf.training, "converted_from": str(src)}
+    save_tuner_file(tf, out)
+    return tf
+
+
 def _resolve(path: Path) -> Path:
     if path.is_file():
         return path

@@ -22,18 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm_sce.checkpoint_io import CheckpointError  # noqa: E402
 from ldm_sce.conditions import CONDITIONS  # noqa: E402
-from ldm_sce.tuner_files import read_tuner_file, save_tuner_file  # noqa: E402
+from ldm_sce.tuner_files import convert_tuner  # noqa: E402
 
 
 def main(args: argparse.Namespace) -> None:
-    tf = read_tuner_file(args.src)
-    tf.base = args.base or tf.base
-    if args.condition:
-        if tf.kind != "csc":
-            raise CheckpointError("--condition applies to controllers (CSC-Tuners) only")
-        tf.condition = args.condition
-    tf.training = {**tf.training, "converted_from": str(args.src)}
-    save_tuner_file(tf, args.out)
+    tf = convert_tuner(args.src, args.out, args.base, args.condition)
     n = sum(v.numel() for v in tf.state_dict.values())
     print(f"wrote {args.out}: {tf.kind} tuner, {len(tf.skips)} skips, {n:,} parameters, base {tf.base}")
 

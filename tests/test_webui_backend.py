@@ -1,0 +1,168 @@
+"""What the web UI does without a browser (`ldm_sce/ui/workspace.py`): paths kept inside the configured
+folders, the one-job device queue (order, positions, a failing job does not stop it), uploads with bad
+files, weights/ listed from the headers, an official folder converted, and training started, stopped after
+a step and resumed to the same tuner as a straight run, bitwise."""
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from ldm_sce.tuner_files import read_tuner_file
+from ldm_sce.ui.workspace import DeviceQueue, Job, Training, TrainRequest, UIError, Workspace, describe, save_upload
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def ws(tmp_path):
+    ws = Workspace(tmp_path / "weights", tmp_path / "outputs", tmp_path / "data")
+    for name in ("toy-shapes.safetensors", "toy-style-sc.safetensors", "toy-canny-csc.safetensors"):
+        shutil.copyfile(ROOT / "weights" / name, ws.weights / name)
+    return ws
+
+
+def test_paths_stay_inside_the_folders(ws, tmp_path):
+    assert ws.inside("toy-shapes.safetensors", ws.weights) == ws.weights / "toy-shapes.safetensors"
+    assert ws.inside(ws.data / "a" / "b.png") == ws.data / "a" / "b.png"
+    for bad in ("../outputs/x", "/etc/passwd", str(tmp_path / "elsewhere.png"), "a/../../x"):
+        with pytest.raises(UIError, match="outside the folders"):
+            ws.inside(bad, ws.weights)
+    with pytest.raises(UIError, match="outside"):
+        ws.inside(ws.outputs / "x.png", ws.weights, ws.data)
+
+
+def test_weights_are_listed_from_their_headers(ws):
+    (ws.weights / "broken.safetensors").write_bytes(b"\x00garbage")
+    (ws.weights / "official_folder").mkdir()
+    rows = {r["name"]: r for r in ws.entries()}
+    assert rows["toy-shapes.safetensors"]["kind"] == "checkpoint"
+    assert rows["toy-style-sc.safetensors"]["kind"] == "sc" and rows["toy-style-sc.safetensors"]["base"]
+    assert rows["toy-canny-csc.safetensors"]["kind"] == "csc"
+    assert rows["toy-canny-csc.safetensors"]["condition"] == "canny"
+    assert "steps" in rows["toy-style-sc.safetensors"]["summary"]
+    assert rows["broken.safetensors"]["kind"] == "unknown" and "unreadable" in rows["broken.safetensors"]["summary"]
+    assert rows["official_folder"]["kind"] == "official"
+    assert ws.names("sc") == ["toy-style-sc.safetensors"]
+
+
+def test_the_device_queue_runs_one_job_at_a_time_in_order():
+    q = DeviceQueue()
+    gate, order = threading.Event(), []
+
+    def first(job):
+        order.append("first")
+        gate.wait(10)
+        raise ValueError("a bad setting")
+
+    a = q.submit(Job("generate", first))
+    b = q.submit(Job("generate", lambda job: order.append("second") or "ok"))
+    c = q.submit(Job("generate", lambda job: 1 / 0))
+    while a.state != "running":
+        pass
+    assert q.position(b) == 1 and q.position(c) == 2 and b.state == "queued"
+    gate.set()
+    for job in (a, b, c):
+        assert job.done.wait(10)
+    assert order == ["first", "second"]
+    assert (a.state, a.error) == ("failed", "a bad setting")  # an input error: its message
+    assert b.state == "done" and b.result == "ok"
+    assert c.state == "failed" and c.error.startswith("internal error: ZeroDivisionError")  # a bug: reported
+    d = q.submit(Job("generate", lambda job: 2))
+    assert d.done.wait(10) and d.result == 2  # the worker lives on
+
+
+def test_uploads_keep_readable_images_and_captions(ws, tmp_path):
+    up = tmp_path / "up"
+    up.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(up / "a.png")
+    (up / "a.txt").write_text("a black square")
+    (up / "b.png").write_bytes(b"not a png")
+    (up / "c.exe").write_bytes(b"MZ")
+    folder, notes = save_upload(ws, "mine", [str(p) for p in sorted(up.iterdir())])
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "a.txt"]
+    assert any("b.png" in n for n in notes) and any("c.exe" in n for n in notes)
+    with pytest.raises(UIError, match="exists already"):
+        save_upload(ws, "mine", [str(up / "a.png")])
+    with pytest.raises(UIError, match="no readable images"):
+        save_upload(ws, "other", [str(up / "b.png")])
+    with pytest.raises(UIError, match="dataset name"):
+        save_upload(ws, "../escape", [str(up / "a.png")])
+
+
+def test_an_official_folder_is_converted_into_weights(ws):
+    from ldm_sce.ui.app import App
+
+    tf = read_tuner_file(ws.weights / "toy-style-sc.safetensors")
+    swift = ws.data / "official" / "0_SwiftSCETuning"
+    swift.mkdir(parents=True)
+    config = {"dims": tf.skip_dims, "down_ratio": tf.down_ratio, "tuner_mode": "identity", "tuner_op": "SCEAdapter"}
+    (swift / "adapter_config.json").write_text(json.dumps(config))
+    official = {
+        f"model.lsc_identity.{k.split('.', 2)[1]}.scetuner_0_SwiftSCETuning.tuner_op.{k.split('.', 2)[2]}": v
+        for k, v in tf.state_dict.items()
+    }
+    save_file(official, str(swift / "adapter_model.safetensors"))
+    app = App.__new__(App)
+    app.ws = ws
+    table, message = app.convert("official", "converted", "sd1", "")
+    assert "Wrote weights/converted.safetensors: sc tuner" in message
+    assert any(row[0] == "converted.safetensors" and row[1] == "sc" for row in table)
+    ours, theirs = load_file(ws.weights / "toy-style-sc.safetensors"), load_file(ws.weights / "converted.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert describe(ws.weights / "converted.safetensors")["summary"].endswith("converted from official")
+    with pytest.raises(UIError, match="outside"):
+        app.convert("../../etc", "x", "", "")
+
+
+def _toy_data(ws):
+    folder = ws.data / "circles"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        arr = np.full((64, 64, 3), 235, np.uint8)
+        x, y = rng.integers(8, 40, 2)
+        arr[y : y + 20, x : x + 20] = (220, 30, 30)
+        Image.fromarray(arr).save(folder / f"{k}.png")
+        (folder / f"{k}.txt").write_text("a red square zqx style")
+
+
+def test_training_stops_after_a_step_and_resumes_to_the_straight_run(ws, monkeypatch):
+    from ldm_sce.training import Trainer
+
+    _toy_data(ws)
+    training, q = Training(ws), DeviceQueue()
+    for name in ("straight", "stopped"):
+        req = TrainRequest(name, "toy-shapes.safetensors", "circles", steps=4, lr=1e-3, resolution=64, batch=2)
+        training.config(req)
+    straight = q.submit(Job("train", lambda job: training.run("straight", job)))
+    assert straight.done.wait(300) and straight.state == "done", straight.error
+    assert straight.result == ws.weights / "straight.safetensors"
+
+    log = Trainer._log
+
+    def stop_at_2(self, row):  # what the Stop button does, after step 2
+        log(self, row)
+        if row.get("step") == 2 and "loss" in row:
+            training_job.stop.set()
+
+    monkeypatch.setattr(Trainer, "_log", stop_at_2)
+    training_job = q.submit(Job("train", lambda job: training.run("stopped", job)))
+    assert training_job.done.wait(300) and training_job.state == "stopped", training_job.error
+    status = training.status("stopped")
+    assert status["stopped"] and [s for s, _ in status["losses"]] == [1, 2] and len(status["checkpoints"]) >= 1
+    assert not (ws.weights / "stopped.safetensors").exists()
+    monkeypatch.setattr(Trainer, "_log", log)
+    resumed = q.submit(Job("train", lambda job: training.run("stopped", job, resume=True)))
+    assert resumed.done.wait(300) and resumed.state == "done", resumed.error
+    a, b = load_file(ws.weights / "straight.safetensors"), load_file(ws.weights / "stopped.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert training.runs() == ["stopped", "straight"]
+    with pytest.raises(UIError, match="run name"):
+        training.run_dir("../x")
