@@ -78,19 +78,7 @@ def txt2img(
 
             # -- outputs: one numbered PNG per image, parameters inside --
             for img, prompt, s in zip(batch_images, batch, seeds, strict=True):
-                params = {
-                    "prompt": prompt,
-                    "negative_prompt": args.negative_prompt,
-                    "steps": args.ddim_steps,
-                    "sampler": args.sampler,
-                    "schedule": args.schedule,
-                    "scale": args.scale,
-                    "seed": s,
-                    "width": args.W,
-                    "height": args.H,
-                    "model": Path(args.ckpt).stem,
-                    "extra": cli.extra_params(args, model),
-                }
+                params = _params(args, prompt, s, args.W, args.H, cli.extra_params(args, model))
                 cli.save_sample(img, sample_dir / f"{index:05}.png", params, args.json)
                 paths.append(sample_dir / f"{index:05}.png")
                 first_params = first_params or params
@@ -184,22 +172,8 @@ def img2img(
 
             # -- outputs --
             for img, prompt, s in zip(batch_images, batch, seeds, strict=True):
-                params = {
-                    "prompt": prompt,
-                    "negative_prompt": args.negative_prompt,
-                    "steps": args.ddim_steps,
-                    "sampler": args.sampler,
-                    "scale": args.scale,
-                    "seed": s,
-                    "width": w,
-                    "height": h,
-                    "model": Path(args.ckpt).stem,
-                    "extra": {
-                        "Denoising strength": args.strength,
-                        "Init image": Path(args.init_img).name,
-                        **cli.extra_params(args, model),
-                    },
-                }
+                extra = {"Denoising strength": args.strength, "Init image": Path(args.init_img).name}
+                params = _params(args, prompt, s, w, h, {**extra, **cli.extra_params(args, model)}, schedule=False)
                 cli.save_sample(img, sample_dir / f"{index:05}.png", params, args.json)
                 paths.append(sample_dir / f"{index:05}.png")
                 index += 1
@@ -233,6 +207,26 @@ def img2img_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--init-img", type=str, required=True, help="path to the input image")
     p.add_argument("--strength", type=float, default=0.75, help="0: keep the image, 1: ignore it")
     return p
+
+
+def _params(args, prompt: str, seed: int, width: int, height: int, extra: dict, schedule: bool = True) -> dict:
+    """The parameters a sample's PNG carries (`cli.a1111_parameters` writes them)."""
+    params = {
+        "prompt": prompt,
+        "negative_prompt": args.negative_prompt,
+        "steps": args.ddim_steps,
+        "sampler": args.sampler,
+        "schedule": args.schedule,
+        "scale": args.scale,
+        "seed": seed,
+        "width": width,
+        "height": height,
+        "model": Path(args.ckpt).stem,
+        "extra": extra,
+    }
+    if not schedule:  # img2img: DDIM or PLMS, no sigma schedule
+        del params["schedule"]
+    return params
 
 
 def reset_model(model: LatentDiffusion) -> LatentDiffusion:

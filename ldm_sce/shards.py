@@ -42,6 +42,7 @@ from .config import ConfigError
 log = logging.getLogger(__name__)
 IMAGE_PARTS = ("jpg", "jpeg", "png", "webp", "bmp")
 COND_PARTS = ("cond.png", "cond.jpg")
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -54,7 +55,10 @@ def is_shards(path: str) -> bool:
         return True
     if p.is_file():
         return p.suffix == ".tar"
-    return p.is_dir() and any(p.glob("*.tar")) and not any(p.glob("*.jsonl")) and not (p / "train.csv").exists()
+    if not (p.is_dir() and any(p.glob("*.tar"))):
+        return False
+    listed = (p / "metadata.jsonl").exists() or (p / "train.csv").exists()  # a folder of listed data wins
+    return not listed and not any(x.suffix.lower() in _IMAGE_SUFFIXES for x in p.iterdir())
 
 
 def shard_list(path: str) -> list[Path]:

@@ -185,6 +185,8 @@ def test_generate_tuner_control_and_errors(page, server, tmp_path):
     img = Image.new("RGB", (64, 64), (255, 255, 255))
     img.paste((0, 0, 0), (10, 30, 50, 50))
     img.save(control)
+    page.get_by_text("Controller 2 (multi-condition)").click()  # a second controller slot
+    page.locator("#controller-2").wait_for()
     _choose(page, "controller", "toy-canny-csc.safetensors")
     page.locator("#control-image input[type=file]").set_input_files(str(control))
     page.wait_for_selector("#preview img")

@@ -15,7 +15,17 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ldm_sce.tuner_files import read_tuner_file
-from ldm_sce.ui.workspace import DeviceQueue, Job, Training, TrainRequest, UIError, Workspace, describe, save_upload
+from ldm_sce.ui.workspace import (
+    DeviceQueue,
+    Job,
+    Training,
+    TrainRequest,
+    UIError,
+    Workspace,
+    convert_official,
+    describe,
+    save_upload,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,8 +95,9 @@ def test_uploads_keep_readable_images_and_captions(ws, tmp_path):
     (up / "a.txt").write_text("a black square")
     (up / "b.png").write_bytes(b"not a png")
     (up / "c.exe").write_bytes(b"MZ")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(up / "my photo (1).png")
     folder, notes = save_upload(ws, "mine", [str(p) for p in sorted(up.iterdir())])
-    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "a.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "a.txt", "my_photo__1_.png"]
     assert any("b.png" in n for n in notes) and any("c.exe" in n for n in notes)
     with pytest.raises(UIError, match="exists already"):
         save_upload(ws, "mine", [str(up / "a.png")])
@@ -97,8 +108,6 @@ def test_uploads_keep_readable_images_and_captions(ws, tmp_path):
 
 
 def test_an_official_folder_is_converted_into_weights(ws):
-    from ldm_sce.ui.app import App
-
     tf = read_tuner_file(ws.weights / "toy-style-sc.safetensors")
     swift = ws.data / "official" / "0_SwiftSCETuning"
     swift.mkdir(parents=True)
@@ -109,16 +118,18 @@ def test_an_official_folder_is_converted_into_weights(ws):
         for k, v in tf.state_dict.items()
     }
     save_file(official, str(swift / "adapter_model.safetensors"))
-    app = App.__new__(App)
-    app.ws = ws
-    table, message = app.convert("official", "converted", "sd1", "")
+    message = convert_official(ws, "official", "converted", "sd1", "")
     assert "Wrote weights/converted.safetensors: sc tuner" in message
-    assert any(row[0] == "converted.safetensors" and row[1] == "sc" for row in table)
+    assert {"name": "converted.safetensors", "kind": "sc"}.items() <= describe(
+        ws.weights / "converted.safetensors"
+    ).items()
     ours, theirs = load_file(ws.weights / "toy-style-sc.safetensors"), load_file(ws.weights / "converted.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert describe(ws.weights / "converted.safetensors")["summary"].endswith("converted from official")
     with pytest.raises(UIError, match="outside"):
-        app.convert("../../etc", "x", "", "")
+        convert_official(ws, "../../etc", "x")
+    with pytest.raises(FileExistsError):
+        convert_official(ws, "official", "converted")  # never over a file
 
 
 def _toy_data(ws):
@@ -134,13 +145,18 @@ def _toy_data(ws):
 
 
 def test_training_stops_after_a_step_and_resumes_to_the_straight_run(ws, monkeypatch):
-    from ldm_sce.training import Trainer
+    from ldm_sce.training import Trainer, load_train_config
 
     _toy_data(ws)
     training, q = Training(ws), DeviceQueue()
     for name in ("straight", "stopped"):
         req = TrainRequest(name, "toy-shapes.safetensors", "circles", steps=4, lr=1e-3, resolution=64, batch=2)
         training.config(req)
+    csc = TrainRequest("ctrl", "toy-shapes.safetensors", "circles", "csc", "canny", resolution=64, prompt="a circle")
+    cfg = load_train_config(training.config(csc))  # the checks tools/train.py makes
+    assert cfg.method.condition == "canny" and cfg.validation.control_images == [str(ws.data / "circles" / "0.png")]
+    with pytest.raises(UIError, match="not a folder under"):
+        training.config(TrainRequest("x", "toy-shapes.safetensors", "nothing-here"))
     straight = q.submit(Job("train", lambda job: training.run("straight", job)))
     assert straight.done.wait(300) and straight.state == "done", straight.error
     assert straight.result == ws.weights / "straight.safetensors"
@@ -163,6 +179,50 @@ def test_training_stops_after_a_step_and_resumes_to_the_straight_run(ws, monkeyp
     assert resumed.done.wait(300) and resumed.state == "done", resumed.error
     a, b = load_file(ws.weights / "straight.safetensors"), load_file(ws.weights / "stopped.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert training.runs() == ["stopped", "straight"]
+    assert training.runs() == ["ctrl", "stopped", "straight"]
     with pytest.raises(UIError, match="run name"):
         training.run_dir("../x")
+
+
+def test_generation_is_the_clis_with_two_controllers_and_a_tuner(ws, tmp_path):
+    """A request with a tuner and two controllers (multi-condition) becomes the CLI's flags and gives the
+    CLI's image, bitwise; the kept model is reset in between (a plain request after it is the plain CLI)."""
+    from ldm_sce.generate import txt2img, txt2img_parser
+    from ldm_sce.ui.workspace import ControlSlot, GenerateRequest, Generator
+
+    control = ws.outputs / "control.png"
+    img = Image.new("RGB", (64, 64), (255, 255, 255))
+    img.paste((0, 0, 0), (10, 30, 50, 50))
+    img.save(control)
+    gen = Generator(ws)
+    slots = [ControlSlot("toy-canny-csc.safetensors", str(control), "", 0.7)]
+    slots.append(ControlSlot("toy-canny-csc.safetensors", str(control), "color", 0.4))
+    req = GenerateRequest("toy-shapes.safetensors", "a red circle", steps=4, tuners=[("toy-style-sc.safetensors", 0.5)])
+    req.controls, req.control_end = slots, 0.6
+    argv = gen.argv(req, tmp_path)
+    csc = str(ws.weights / "toy-canny-csc.safetensors")
+    assert argv[argv.index("--tuner") : argv.index("--tuner") + 4] == [
+        "--tuner",
+        str(ws.weights / "toy-style-sc.safetensors"),
+        "--tuner-scale",
+        "0.5",
+    ]
+    flags = argv[argv.index("--control") :]
+    assert flags == [
+        *("--control", csc, "--control-image", str(control), "--control-type", "canny", "--control-weight", "0.7"),
+        *("--control", csc, "--control-image", str(control), "--control-type", "color", "--control-weight", "0.4"),
+        *("--control-start", "0.0", "--control-end", "0.6"),
+    ]
+    made = gen.run(req)
+    argv[argv.index("--outdir") + 1] = str(tmp_path / "cli")
+    cli = txt2img(txt2img_parser().parse_args(argv))
+    assert np.array_equal(np.asarray(Image.open(made[0])), np.asarray(Image.open(cli[0])))
+    plain = gen.run(GenerateRequest("toy-shapes.safetensors", "a red circle", steps=4))
+    base_argv = gen.argv(GenerateRequest("toy-shapes.safetensors", "a red circle", steps=4), tmp_path / "base")
+    base = txt2img(txt2img_parser().parse_args(base_argv))
+    assert np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(base[0])))
+    assert not np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(made[0])))
+    with pytest.raises(UIError, match="controller 1 needs a control image"):
+        gen.argv(
+            GenerateRequest("toy-shapes.safetensors", "x", controls=[ControlSlot(slots[0].controller, "")]), tmp_path
+        )

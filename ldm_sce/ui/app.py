@@ -18,6 +18,7 @@ from ..images import load_image
 from ..sampling import SAMPLER_NAMES
 from .workspace import (
     INPUT_ERRORS,
+    ControlSlot,
     DeviceQueue,
     GenerateRequest,
     Generator,
@@ -26,12 +27,20 @@ from .workspace import (
     TrainRequest,
     UIError,
     Workspace,
+    convert_official,
     describe,
     save_upload,
 )
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "toy-shapes.safetensors"
+CONTROL_SLOTS = 2  # controllers at once in the page (multi-condition, paper eq. 7); the CLI takes any number
+SLOT_INPUTS = ("controller", "control_image", "control_type", "control_weight")
+GENERATE_INPUTS = (
+    "ckpt prompt negative sampler steps scale seed width height batch tuner_scales".split()
+    + [f"{name}{k}" for k in range(CONTROL_SLOTS) for name in SLOT_INPUTS]
+    + "start end init_image strength".split()
+)
 PREVIEW_SIDE = 512
 
 
@@ -61,6 +70,7 @@ class App:
         self.training = Training(ws)
         self.train_job: Job | None = None
         self.train_name = ""
+        self._announced: Job | None = None  # the finished job whose tuner the Generate tab was given
 
     # -- choices --
     def checkpoints(self) -> list[str]:
@@ -78,9 +88,9 @@ class App:
 
     # -- generate --
     def condition_preview(self, image: str | None, kind: str, controller: str):
-        if not image:
+        if not image or not (kind or controller):  # nothing to extract yet
             return None
-        if not kind and controller:
+        if not kind:
             kind = describe(self.ws.inside(controller, self.ws.weights)).get("condition") or ""
         if not kind:
             raise UIError("choose a condition type (the controller does not name one)")
@@ -89,39 +99,56 @@ class App:
         w, h = max(8, int(img.width * scale)), max(8, int(img.height * scale))
         return make_condition(kind, img, w, h, seed=0)
 
+    def default_weight(self, controller: str):
+        """A controller's own weight (a released controller's SCALE), shown when it is picked."""
+        if not controller:
+            return gr.update()
+        return float(describe(self.ws.inside(controller, self.ws.weights)).get("default_weight", 1.0))
+
     def request(self, values: list) -> GenerateRequest:
-        (ckpt, prompt, negative, sampler, steps, scale, seed, width, height, batch, tuner_rows, controller) = values[
-            :12
-        ]
-        (control_image, control_type, control_weight, start, end, init_image, strength) = values[12:]
-        tuners = []
-        for row in _rows(tuner_rows):
-            name, value = row[0], row[1]
+        """The page's generate inputs (in `GENERATE_INPUTS` order) as a request; a field that is empty or not
+        a number is named."""
+        v = dict(zip(GENERATE_INPUTS, values, strict=True))
+
+        def number(name: str, kind=float):
             try:
-                tuners.append((str(name), float(value)))
+                return kind(v[name])
             except (TypeError, ValueError):
-                raise UIError(f"the scale of tuner {name} is not a number: {value!r}") from None
+                raise UIError(f"{name.replace('_', ' ')} must be a number, got {v[name]!r}") from None
+
+        tuners = []
+        for row in _rows(v["tuner_scales"]):
+            try:
+                tuners.append((str(row[0]), float(row[1])))
+            except (TypeError, ValueError, IndexError):
+                raise UIError(f"the scale of tuner {row[0]} is not a number: {row[1:]!r}") from None
         ws = self.ws
         return GenerateRequest(
-            ckpt=ckpt or "",
-            prompt=prompt or "",
-            negative_prompt=negative or "",
-            sampler=sampler,
-            steps=int(steps),
-            scale=float(scale),
-            seed=int(seed),
-            width=int(width or 0),
-            height=int(height or 0),
-            batch=int(batch),
+            ckpt=v["ckpt"] or "",
+            prompt=v["prompt"] or "",
+            negative_prompt=v["negative"] or "",
+            sampler=v["sampler"],
+            steps=number("steps", int),
+            scale=number("scale"),
+            seed=number("seed", int),
+            width=number("width", int) if v["width"] else 0,
+            height=number("height", int) if v["height"] else 0,
+            batch=number("batch", int),
             tuners=tuners,
-            controller=controller or "",
-            control_image=str(ws.inside(control_image)) if control_image else "",
-            control_type=control_type or "",
-            control_weight=float(control_weight),
-            control_start=float(start),
-            control_end=float(end),
-            init_image=str(ws.inside(init_image)) if init_image else "",
-            strength=float(strength),
+            controls=[
+                ControlSlot(
+                    v[f"controller{k}"],
+                    str(ws.inside(v[f"control_image{k}"])) if v[f"control_image{k}"] else "",
+                    v[f"control_type{k}"] or "",
+                    number(f"control_weight{k}"),
+                )
+                for k in range(CONTROL_SLOTS)
+                if v[f"controller{k}"]
+            ],
+            control_start=number("start"),
+            control_end=number("end"),
+            init_image=str(ws.inside(v["init_image"])) if v["init_image"] else "",
+            strength=number("strength"),
         )
 
     def generate(self, *values):
@@ -200,19 +227,16 @@ class App:
         import pandas as pd
 
         plot = pd.DataFrame(losses, columns=["step", "loss"]) if losses else None
-        choices = gr.update(choices=self.ws.names("sc")) if job.done.is_set() else gr.update()
+        choices = gr.update()
+        if job.done.is_set() and self._announced is not job:  # once: the finished tuner in the Generate tab
+            self._announced = job
+            choices = gr.update(choices=self.ws.names("sc"))
         return text, plot, [str(p) for p in status["validation"]], choices
 
     # -- tuners --
     def convert(self, src: str, out: str, base: str, condition: str):
-        from ..tuner_files import convert_tuner
-        from .workspace import check_name
-
-        source = self.ws.inside(src, self.ws.weights, self.ws.data)
-        name = check_name(out, "output name")
-        target = self.ws.weights / (name if name.endswith(".safetensors") else name + ".safetensors")
-        tf = convert_tuner(source, target, base or None, condition or None)
-        return self.table(), f"Wrote weights/{target.name}: {tf.kind} tuner, {len(tf.skips)} skips, base {tf.base}"
+        message = convert_official(self.ws, src, out, base, condition)
+        return self.table(), message
 
 
 def _rows(value) -> list[list]:
@@ -258,23 +282,45 @@ def build(app: App) -> gr.Blocks:
                                 interactive=True,
                                 elem_id="tuner-scales",
                             )
+                        slots = []  # per controller: (controller, image, type, weight, preview)
                         with gr.Accordion("CSC-Tuner control", open=True):
-                            with gr.Row():
-                                controller = gr.Dropdown(
-                                    [""] + ws.names("csc"), value="", label="Controller", elem_id="controller"
+                            for k in range(CONTROL_SLOTS):
+                                suffix = "" if k == 0 else f"-{k + 1}"
+                                box = (
+                                    gr.Group()
+                                    if k == 0
+                                    else gr.Accordion(f"Controller {k + 1} (multi-condition)", open=False)
                                 )
-                                control_type = gr.Dropdown(
-                                    ["", *CONDITIONS], value="", label="Condition (empty: the controller's)"
-                                )
+                                with box:
+                                    with gr.Row():
+                                        controller = gr.Dropdown(
+                                            [""] + ws.names("csc"),
+                                            value="",
+                                            label=f"Controller {k + 1}" if k else "Controller",
+                                            elem_id=f"controller{suffix}",
+                                        )
+                                        control_type = gr.Dropdown(
+                                            ["", *CONDITIONS], value="", label="Condition (empty: the controller's)"
+                                        )
+                                    with gr.Row():
+                                        control_image = gr.Image(
+                                            type="filepath",
+                                            label="Control image",
+                                            sources=["upload"],
+                                            height=224,
+                                            elem_id=f"control-image{suffix}",
+                                        )
+                                        preview = gr.Image(
+                                            label="Extracted condition",
+                                            interactive=False,
+                                            height=224,
+                                            elem_id=f"preview{suffix}",
+                                        )
+                                    control_weight = gr.Slider(0, 2, value=1.0, step=0.05, label="Weight")
+                                slots.append((controller, control_image, control_type, control_weight, preview))
                             with gr.Row():
-                                control_image = gr.Image(
-                                    type="filepath", label="Control image", sources=["upload"], elem_id="control-image"
-                                )
-                                preview = gr.Image(label="Extracted condition", interactive=False, elem_id="preview")
-                            with gr.Row():
-                                control_weight = gr.Slider(0, 2, value=1.0, step=0.05, label="Weight")
-                                start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start")
-                                end = gr.Slider(0, 1, value=1.0, step=0.05, label="End")
+                                start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start (all controllers)")
+                                end = gr.Slider(0, 1, value=1.0, step=0.05, label="End (all controllers)")
                         with gr.Accordion("Image to image", open=False) as img2img_box:
                             init_image = gr.Image(
                                 type="filepath", label="Init image (empty: text to image)", elem_id="init-image"
@@ -339,11 +385,14 @@ def build(app: App) -> gr.Blocks:
 
         # -- events --
         inputs = [ckpt, prompt, negative, sampler, steps, scale, seed, width, height, batch, tuner_scales]
-        inputs += [controller, control_image, control_type, control_weight, start, end, init_image, strength]
+        inputs += [part for slot in slots for part in slot[:4]] + [start, end, init_image, strength]
+        assert len(inputs) == len(GENERATE_INPUTS)  # the same order: `App.request` reads them by these names
         run.click(app.generate, inputs, [live, gallery, status, shown], concurrency_limit=4)
         tuners.change(_guard(app.tuner_rows), [tuners, tuner_scales], tuner_scales)
-        for trigger in (control_image.change, control_type.change, controller.change):
-            trigger(_guard(app.condition_preview), [control_image, control_type, controller], preview)
+        for controller, control_image, control_type, control_weight, preview in slots:
+            for trigger in (control_image.change, control_type.change, controller.change):
+                trigger(_guard(app.condition_preview), [control_image, control_type, controller], preview)
+            controller.change(_guard(app.default_weight), controller, control_weight)
 
         def on_select(paths: list[str], evt: gr.SelectData):
             return paths[evt.index] if isinstance(evt.index, int) and evt.index < len(paths) else ""
@@ -358,14 +407,15 @@ def build(app: App) -> gr.Blocks:
         to_img2img.click(
             lambda p, ps: (send(p, ps), gr.update(open=True)), [selected, shown], [init_image, img2img_box]
         )
-        to_control.click(send, [selected, shown], control_image)
+        to_control.click(send, [selected, shown], slots[0][1])
 
         def refresh_files():
             sc, csc, models = ws.names("sc"), [""] + ws.names("csc"), app.checkpoints()
-            return gr.update(choices=sc), gr.update(choices=csc), gr.update(choices=models)
+            return gr.update(choices=sc), gr.update(choices=models), *[gr.update(choices=csc) for _ in slots]
 
-        refresh.click(refresh_files, None, [tuners, controller, ckpt])
-        generate_tab.select(refresh_files, None, [tuners, controller, ckpt])
+        pickers = [tuners, ckpt, *[slot[0] for slot in slots]]
+        refresh.click(refresh_files, None, pickers)
+        generate_tab.select(refresh_files, None, pickers)
         train_tab.select(
             lambda: (gr.update(choices=app.datasets()), gr.update(choices=app.checkpoints())),
             None,

@@ -107,6 +107,7 @@ def describe(path: Path) -> dict:
             tuner = {}
         row["base"] = tuner.get("base") or ""
         row["condition"] = tuner.get("condition") or ""
+        row["default_weight"] = tuner.get("default_weight", 1.0)
         training = tuner.get("training") or {}
         parts = [f"{k} {training[k]}" for k in ("method", "steps", "lr", "batch_size", "resolution") if k in training]
         if "converted_from" in training:
@@ -187,6 +188,14 @@ class DeviceQueue:
 
 
 @dataclass
+class ControlSlot:
+    controller: str  # a file in weights/
+    image: str  # a file path (an upload, or an image under outputs/)
+    kind: str = ""  # the condition type; empty: the controller's own
+    weight: float | None = None  # None: the controller's default weight
+
+
+@dataclass
 class GenerateRequest:
     ckpt: str
     prompt: str
@@ -199,10 +208,7 @@ class GenerateRequest:
     height: int = 0
     batch: int = 1
     tuners: list[tuple[str, float]] = field(default_factory=list)
-    controller: str = ""
-    control_image: str = ""  # a file path (an upload, or an image under outputs/)
-    control_type: str = ""  # empty: the controller's own
-    control_weight: float | None = None
+    controls: list[ControlSlot] = field(default_factory=list)  # CSC-Tuner controllers (multi-condition: several)
     control_start: float = 0.0
     control_end: float = 1.0
     init_image: str = ""  # img2img when given
@@ -233,14 +239,19 @@ class Generator:
             argv += ["--W", str(int(r.width)), "--H", str(int(r.height))]
         for name, scale in r.tuners:
             argv += ["--tuner", str(ws.inside(name, ws.weights)), "--tuner-scale", str(float(scale))]
-        if r.controller:
-            if not r.control_image:
-                raise UIError("a controller needs a control image: upload one (or use a generated image)")
-            argv += ["--control", str(ws.inside(r.controller, ws.weights)), "--control-image", r.control_image]
-            if r.control_type:
-                argv += ["--control-type", r.control_type]
-            if r.control_weight is not None:
-                argv += ["--control-weight", str(float(r.control_weight))]
+        for k, c in enumerate(r.controls, 1):
+            if not c.image:
+                raise UIError(f"controller {k} needs a control image: upload one (or use a generated image)")
+            path = ws.inside(c.controller, ws.weights)
+            kind = c.kind or describe(path)["condition"]  # the CLI takes a type for every controller or none
+            if not kind:
+                raise UIError(f"controller {k} ({c.controller}) does not name its condition: choose one")
+            argv += ["--control", str(path), "--control-image", c.image, "--control-type", kind]
+            if c.weight is not None:
+                argv += ["--control-weight", str(float(c.weight))]
+        if r.controls:
+            if len({c.weight is None for c in r.controls}) > 1:
+                raise UIError("give every controller a weight, or none")
             argv += ["--control-start", str(float(r.control_start)), "--control-end", str(float(r.control_end))]
         if r.init_image:
             argv += ["--init-img", r.init_image, "--strength", str(float(r.strength))]
@@ -431,6 +442,24 @@ def save_upload(ws: Workspace, name: str, files: list[str]) -> tuple[Path, list[
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for src in keep:
-        shutil.copyfile(src, tmp / check_name(src.name, "file name"))
+        shutil.copyfile(src, tmp / _safe_filename(src.name))
     os.replace(tmp, folder)
     return folder, notes
+
+
+def _safe_filename(name: str) -> str:
+    """A file name of letters, digits, '_', '-' and '.' only (others become '_'), never hidden."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name).name).lstrip(".")
+    return name or "file"
+
+
+def convert_official(ws: Workspace, src: str, out: str, base: str = "", condition: str = "") -> str:
+    """An official SCEdit folder or file under weights/ or data/ converted to weights/<out>.safetensors
+    (`convert_tuner`, as `tools/convert_tuner.py`); returns what was written."""
+    from ..tuner_files import convert_tuner
+
+    source = ws.inside(src, ws.weights, ws.data)
+    name = check_name(out, "output name")
+    target = ws.weights / (name if name.endswith(".safetensors") else name + ".safetensors")
+    tf = convert_tuner(source, target, base or None, condition or None)
+    return f"Wrote weights/{target.name}: {tf.kind} tuner, {len(tf.skips)} skips, base {tf.base}"
