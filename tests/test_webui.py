@@ -215,13 +215,39 @@ def test_generate_tuner_control_and_errors(page, server, tmp_path):
     page.wait_for_function("() => document.querySelector('#gen-status').innerText.includes('img2img')")
     made = sorted((root / "outputs" / "img2img" / "samples").glob("*.png"))
     assert len(made) == 1 and "Denoising strength: 0.75" in Image.open(made[0]).text["parameters"]
+    # ... or used as the control image (its condition previewed)
+    before = page.locator("#preview img").get_attribute("src")
+    page.click("#to-control")
+    page.wait_for_function(
+        "src => document.querySelector('#preview img') && document.querySelector('#preview img').src !== src",
+        arg=before,
+    )
+
+
+def test_tuners_tab_lists_weights_with_their_metadata(page):
+    page.get_by_role("tab", name="Tuners").click()
+    page.wait_for_function("() => document.querySelector('#weights-table').innerText.includes('toy-canny-csc')")
+    text = page.locator("#weights-table").inner_text()
+    assert "toy-style-sc.safetensors" in text and "checkpoint" in text and "canny" in text
+    page.get_by_role("tab", name="Generate").click()
 
 
 def test_short_training_run_makes_a_selectable_tuner(page, server):
     url, root = server
     page.get_by_role("tab", name="Train").click()
     page.locator("#run-name textarea, #run-name input").first.fill("circles-sc")
-    _choose(page, "dataset", "circles")
+    # upload images with captions (and a broken file: left out, named in the page) as a new dataset
+    files = sorted((root / "data" / "circles").iterdir())
+    broken = root / "outputs" / "broken.png"
+    broken.write_bytes(b"not a png")
+    page.get_by_text("Upload images with captions").click()
+    page.locator("#upload input[type=file]").set_input_files([str(f) for f in files] + [str(broken)])
+    page.locator("#upload-name textarea, #upload-name input").first.fill("uploaded")
+    page.click("#save-upload")
+    page.get_by_text("Saved 4 image(s) to data/uploaded").wait_for()
+    assert "left out broken.png" in page.locator("#upload-msg").inner_text()
+    assert sorted(p.name for p in (root / "data" / "uploaded").iterdir()) == [f.name for f in files]
+    _choose(page, "dataset", "uploaded")
     for elem_id, value in (("train-steps", 4), ("resolution", 64), ("train-batch", 2), ("lr", 0.001)):
         _set_number(page, elem_id, value)
     page.locator("#val-prompt input, #val-prompt textarea").first.fill("a red square zqx style")

@@ -344,10 +344,12 @@ def build(app: App) -> gr.Blocks:
                         train_ckpt = gr.Dropdown(app.checkpoints(), value=app.default_checkpoint(), label="Base")
                         dataset = gr.Dropdown(app.datasets(), label="Dataset (a folder under data/)", elem_id="dataset")
                         with gr.Accordion("Upload images with captions", open=False):
-                            upload = gr.File(file_count="multiple", label="Images and same-name .txt captions")
-                            upload_name = gr.Textbox("upload", label="Dataset name")
-                            save = gr.Button("Save as dataset")
-                            upload_msg = gr.Markdown("")
+                            upload = gr.File(
+                                file_count="multiple", label="Images and same-name .txt captions", elem_id="upload"
+                            )
+                            upload_name = gr.Textbox("upload", label="Dataset name", elem_id="upload-name")
+                            save = gr.Button("Save as dataset", elem_id="save-upload")
+                            upload_msg = gr.Markdown("", elem_id="upload-msg")
                         with gr.Row():
                             method = gr.Radio(["sc", "csc"], value="sc", label="Method", elem_id="method")
                             condition = gr.Dropdown(
@@ -372,7 +374,10 @@ def build(app: App) -> gr.Blocks:
 
             with gr.Tab("Tuners", id="tuners") as tuners_tab:
                 files = gr.Dataframe(
-                    app.table(), headers=["file", "kind", "base", "condition", "training"], label="weights/"
+                    app.table(),
+                    headers=["file", "kind", "base", "condition", "training"],
+                    label="weights/",
+                    elem_id="weights-table",
                 )
                 with gr.Accordion("Convert an official SCEdit folder", open=True):
                     with gr.Row():

@@ -433,7 +433,7 @@ def save_upload(ws: Workspace, name: str, files: list[str]) -> tuple[Path, list[
                 load_image(src)
                 keep.append(src)
             except ImageError as e:
-                notes.append(f"left out {src.name}: {e}")
+                notes.append(f"left out {src.name}: {str(e).replace(str(src), src.name)}")
         else:
             notes.append(f"left out {src.name}: not an image or a .txt caption")
     if not any(p.suffix.lower() != ".txt" for p in keep):
