@@ -252,7 +252,7 @@ def _rows(value) -> list[list]:
 
 def build(app: App) -> gr.Blocks:
     ws = app.ws
-    with gr.Blocks(title="ldm-sce") as demo:
+    with gr.Blocks(title="ldm-sce", analytics_enabled=False) as demo:  # nothing leaves the machine
         gr.Markdown("# ldm-sce: Stable Diffusion with SCEdit tuners and controllers")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate") as generate_tab:
@@ -453,7 +453,6 @@ def launch(
     root = Path(root)
     ws = Workspace(root / weights, root / outputs, root / data)
     os.environ["GRADIO_TEMP_DIR"] = str(ws.outputs / ".uploads")  # uploads stay under outputs/
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     demo = build(App(ws, device))
     theme = gr.themes.Default(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
