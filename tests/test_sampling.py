@@ -268,7 +268,7 @@ def test_lms_coefficients_are_the_lagrange_integrals():
     """Our exact polynomial integrals against a fine trapezoid quadrature of the same Lagrange basis."""
     import numpy as np
 
-    from ldm_sce.sampling import _lms_coefficient
+    from ldm_sce.k_diffusion import _lms_coefficient
 
     sig = np.array([14.6, 9.1, 5.2, 2.9, 1.4, 0.6])
     for i, order in ((3, 4), (4, 3), (1, 2)):
