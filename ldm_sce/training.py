@@ -38,6 +38,7 @@ from PIL import Image
 from torch import nn
 
 from .buckets import assign, batches_per_epoch, epoch_batches, make_buckets
+from .cache import DiskCache, sha256
 from .checkpoint_io import CheckpointError, load_model
 from .config import ConfigError
 from .data import TrainDataset, collate, image_size, scan
@@ -395,7 +396,7 @@ class Trainer:
             if isinstance(ident, int):
                 content = self.disk.file_hash(self.data.items[ident].image)
             else:
-                content = _sha256(ident.read(ident.image_part))
+                content = sha256(ident.read(ident.image_part))
             key = self.disk.latent_key(content, tuple(image.shape[1:]))
         found = self.disk.get(key) if key else None
         if found is not None:
@@ -724,77 +725,6 @@ class Trainer:
                 log.warning("%s holds no EMA weights: the EMA starts from the resumed weights", state["path"])
                 saved = [p.detach().float() for p in self.params]
             self.ema = [e.clone().float() for e in saved]
-
-
-class DiskCache:
-    """VAE posteriors and text features as safetensors files under `root`, named by a hash of what made them:
-    a posterior by the image file's bytes, its training size and the VAE's weights; text features by the
-    caption and the text encoders' weights. A changed image, size, caption or model gives a new name, so a
-    stale entry is never read; files are written atomically (a temporary name, then a rename)."""
-
-    def __init__(self, root: Path, model: LatentDiffusion):
-        self.root = root
-        text = model.conditioner if model.cfg.family == "sdxl" else model.cond_stage_model
-        self.vae_id, self.text_id = _weights_hash(model.first_stage_model), _weights_hash(text)
-        self._files: dict[Path, tuple[tuple[int, int], str]] = {}  # path -> ((mtime_ns, size), content hash)
-        (root / "latents").mkdir(parents=True, exist_ok=True)
-        (root / "text").mkdir(parents=True, exist_ok=True)
-        self.hits = self.misses = 0
-
-    def file_hash(self, image: Path) -> str:
-        """The hash of a file's bytes, recomputed only when its modification time or size changes."""
-        stat = image.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        if self._files.get(image, (None,))[0] != stamp:
-            self._files[image] = (stamp, _sha256(image.read_bytes()))
-        return self._files[image][1]
-
-    def latent_key(self, content: str, shape: tuple[int, ...]) -> Path:
-        """The entry of an image with content hash `content`, made at latent `shape`."""
-        name = _sha256(f"{content}:{shape}:{self.vae_id}".encode())
-        return self.root / "latents" / f"{name}.safetensors"
-
-    def text_key(self, caption: str) -> Path:
-        return self.root / "text" / f"{_sha256(f'{caption}:{self.text_id}'.encode())}.safetensors"
-
-    def get(self, path: Path) -> dict[str, torch.Tensor] | None:
-        from safetensors.torch import load_file
-
-        if not path.is_file():
-            self.misses += 1
-            return None
-        try:
-            found = load_file(str(path))
-        except Exception as e:  # a damaged entry is made again
-            log.warning("disk cache: %s is unreadable (%s); recomputing it", path, e)
-            self.misses += 1
-            return None
-        self.hits += 1
-        return found
-
-    def put(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-
-
-def _weights_hash(module: nn.Module) -> str:
-    """A hash of a module's parameter names, dtypes, shapes and values."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in module.state_dict().items():
-        h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
-        h.update(p.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def lr_factor(step: int, o: OptimSection) -> float:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import bench
+import bench_train
 import torch
 
 SIZES = {  # (preset, image side, sampling steps, training batches)
@@ -101,7 +102,7 @@ def train(family: str, method: str, tiny: bool) -> dict:
             precision=precision,
             frozen_dtype=frozen,
         )
-        rows.append(bench.train_one(args))
+        rows.append(bench_train.train_one(args))
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return {"preset": preset, "side": side, "grad_ckpt": grad_ckpt, "rows": rows}
