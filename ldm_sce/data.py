@@ -28,11 +28,10 @@ from PIL import Image
 
 from .conditions import condition_tensor, make_condition, resize_center_crop_box
 from .config import ConfigError
-from .images import ImageError, decode_image, load_image
+from .images import IMAGE_EXTS, ImageError, decode_image, load_image
 from .shards import COND_PARTS, Sample
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 @dataclass(frozen=True)
@@ -235,15 +234,6 @@ class TrainDataset(torch.utils.data.Dataset):
             return make_condition("raw", load_cond(), w, h)
         thresholds = (int(rng.integers(50, 101)), int(rng.integers(200, 351))) if self.random_thresholds else (100, 200)
         return make_condition(self.condition, img, w, h, seed=int(rng.integers(2**31)), thresholds=thresholds)
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image as `load_image` gives it (EXIF rotations of 90 degrees swap the sides),
-    from its header."""
-    with Image.open(path) as img:
-        w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def collate(batch: list[dict | None]) -> dict | None:

@@ -33,6 +33,7 @@ class NonFiniteError(ValueError):
 
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}  # what datasets, shards and uploads take as images
 
 
 def to_rgb(im: Image.Image, name: str = "image") -> Image.Image:
@@ -66,6 +67,17 @@ def load_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise ImageError(f"image not found: {path}")
     return _open(path, str(path))
+
+
+def image_size(source: str | Path | bytes) -> tuple[int, int]:
+    """(width, height) of an image file (or encoded image bytes) as `load_image` gives it (EXIF rotations of 90
+    degrees swap the sides), from its header."""
+    import io
+
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:

@@ -155,7 +155,7 @@ def cfg_denoiser(
     training sigmas, quantized; see `Denoiser`). A zero-terminal-SNR schedule is sampled with its last
     alpha_cumprod 2^-24 instead of 0 (diffusers' clamp): DDIM's x0 = (x - sqrt(1 - a) eps) / sqrt(a) needs a > 0."""
     ac = model.alphas_cumprod
-    if getattr(model, "zero_snr", False):
+    if model.zero_snr:
         ac = torch.cat([ac[:-1], ac.new_full((1,), 2.0**-24)])
     guided = uncond is not None and scale != 1.0
     tuning = tuning or Tuning()
@@ -454,7 +454,7 @@ def sample(
     if not (math.isfinite(guidance_rescale) and 0.0 <= guidance_rescale <= 1.0):
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
     check_sampling_args(steps, scale, eta, model.num_timesteps)
-    if getattr(model, "zero_snr", False) and sampler != "ddim":
+    if model.zero_snr and sampler != "ddim":
         raise ValueError(
             f"a zero-terminal-SNR schedule samples with ddim: {sampler} needs a finite largest sigma (SNR 0 at t = T "
             "is an infinite one)"

@@ -35,14 +35,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .config import ConfigError
+from .images import IMAGE_EXTS
 
 log = logging.getLogger(__name__)
 IMAGE_PARTS = ("jpg", "jpeg", "png", "webp", "bmp")
 COND_PARTS = ("cond.png", "cond.jpg")
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -58,7 +57,7 @@ def is_shards(path: str) -> bool:
     if not (p.is_dir() and any(p.glob("*.tar"))):
         return False
     listed = (p / "metadata.jsonl").exists() or (p / "train.csv").exists()  # a folder of listed data wins
-    return not listed and not any(x.suffix.lower() in _IMAGE_SUFFIXES for x in p.iterdir())
+    return not listed and not any(x.suffix.lower() in IMAGE_EXTS for x in p.iterdir())
 
 
 def shard_list(path: str) -> list[Path]:
@@ -217,14 +216,6 @@ class ShardStream:
             if len(queue) == self.batch:
                 yield queue
                 queues[size] = []
-
-
-def image_size_bytes(data: bytes) -> tuple[int, int]:
-    """(width, height) of an encoded image as `load_image` gives it (EXIF rotations swap the sides)."""
-    with Image.open(io.BytesIO(data)) as img:
-        w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def write_shards(items, out_dir: str | Path, per_shard: int = 1000, prefix: str = "shard") -> list[Path]:

@@ -41,11 +41,11 @@ from .buckets import assign, batches_per_epoch, epoch_batches, make_buckets
 from .cache import DiskCache, sha256
 from .checkpoint_io import CheckpointError, load_model
 from .config import ConfigError
-from .data import TrainDataset, collate, image_size, scan
+from .data import TrainDataset, collate, scan
 from .diffusion import Cond, LatentDiffusion
-from .images import ImageError, load_image
+from .images import ImageError, image_size, load_image
 from .methods import Method, build_method
-from .shards import Sample, ShardStream, image_size_bytes, is_shards, shard_list
+from .shards import Sample, ShardStream, is_shards, shard_list
 from .train_config import OptimSection, TrainConfig, config_changes, load_train_config
 from .unet import compile_unet
 
@@ -280,7 +280,7 @@ class Trainer:
 
             def bucket_of(sample: Sample) -> tuple[int, int] | None:
                 try:
-                    size = image_size_bytes(sample.read(sample.image_part))
+                    size = image_size(sample.read(sample.image_part))
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                     name = Path(f"{sample.shard}:{sample.key}.{sample.image_part}")
                     if name not in self.data.bad:

@@ -21,7 +21,7 @@ import yaml
 
 from ..checkpoint_io import CheckpointError, file_kind
 from ..config import ConfigError
-from ..images import ImageError, NonFiniteError
+from ..images import IMAGE_EXTS, ImageError, NonFiniteError
 
 log = logging.getLogger(__name__)
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
@@ -346,7 +346,7 @@ class Training:
             "log_every": 1,
         }
         if r.method == "csc" and r.prompt.strip():
-            images = sorted(p for p in data.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+            images = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_EXTS)
             if images:  # the validation control image: the dataset's first image
                 cfg["validation"]["control_images"] = [str(images[0])]
         path = self.run_dir(r.name) / "train.yaml"
@@ -428,7 +428,7 @@ def save_upload(ws: Workspace, name: str, files: list[str]) -> tuple[Path, list[
         suffix = src.suffix.lower()
         if suffix == ".txt":
             keep.append(src)
-        elif suffix in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        elif suffix in IMAGE_EXTS:
             try:
                 load_image(src)
                 keep.append(src)
