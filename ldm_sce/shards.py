@@ -183,7 +183,9 @@ class ShardStream:
             for shard in self.epoch_shards(epoch):
                 for sample in read_shard(shard, epoch):
                     if sample.image_part is None:
-                        self.skipped += 1
+                        if not self.skipped:
+                            log.warning("skipping sample %s of %s: it has no image part", sample.key, shard)
+                        self.skipped += 1  # logged by the trainer (`skipped_samples`)
                         continue
                     found = True
                     if len(pool) < self.buffer:

@@ -504,6 +504,7 @@ class Trainer:
                         "lr": self.sched.get_last_lr()[0],
                         "step_time": time.perf_counter() - start,
                         "bad_images": len(self.data.bad),
+                        **({"skipped_samples": self.stream.skipped} if self.stream else {}),
                         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                         **(
                             {"cuda_max_mb": torch.cuda.max_memory_allocated() / 2**20}

@@ -3,6 +3,7 @@ WebDataset groups it, the shards split across processes, a deterministic shuffle
 per epoch, bitwise resume with buckets + EMA + the disk cache, and damaged input handled."""
 
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -173,7 +174,22 @@ def test_damaged_shards_and_settings(tiny_ckpts, photo_shards, tmp_path, caplog)
     ckpt = tiny_ckpts["sd1"][1]
     cfg = load_train_config(shard_config(tmp_path, ckpt, photo_shards, data={"path": str(data)}))
     cfg.optim.max_steps = 3
-    assert Trainer(cfg).train().is_file()  # trains on what is readable
+    trainer = Trainer(cfg)
+    assert trainer.train().is_file()  # trains on what is readable
+    with tarfile.open(data / "shard-000004.tar", "a") as tar:  # a sample with a caption but no image
+        info = tarfile.TarInfo("lonely.txt")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"text"))
+    stream = ShardStream(shard_list(str(data)), batch=1, buffer=2)
+    epoch0 = []
+    for x in stream.samples():
+        if x.epoch:
+            break
+        epoch0.append(x)
+    assert len(epoch0) == 4 * 4 + len(kept)  # shards 0, 1, 4, 5 whole, 2 cut, 3 unreadable
+    assert stream.skipped == 1
+    rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert all(r["skipped_samples"] == 0 for r in rows if "loss" in r)
     (tmp_path / "c").mkdir()
     with pytest.raises(ConfigError, match="data.cache_dir .on disk. instead"):
         Trainer(load_train_config(shard_config(tmp_path / "c", ckpt, photo_shards, data={"cache": True})))
