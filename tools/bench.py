@@ -422,7 +422,7 @@ def random_model(
 
 
 def sd_step_runners(preset: str, latent: int, steps: int, scedit: bool, device="cpu", dtype=torch.float32):
-    """({name: one image's sampling}, max |ours - diffusers|): `ldm_sce.sample` (DDIM, CFG 7.5) and diffusers'
+    """({name: one image's sampling}, (max |ours - diffusers|, max |ours|)): `ldm_sce.sample` (DDIM, CFG 7.5) and diffusers'
     StableDiffusionPipeline denoising loop on the same UNet weights, given the same text embeddings and
     latents, output_type='latent' (no VAE decode); with `scedit` also SC-Tuners + a CSC-Tuner and diffusers'
     ControlNet pipeline."""
@@ -475,7 +475,8 @@ def sd_step_runners(preset: str, latent: int, steps: int, scedit: bool, device="
         ),
     }
     with torch.inference_mode():
-        diff = (runners["ldm_sce"]().float() - runners["diffusers"]().float()).abs().max().item()
+        ours = runners["ldm_sce"]().float()
+        diff = (ours - runners["diffusers"]().float()).abs().max().item(), ours.abs().max().item()
     if scedit:
         runners |= scedit_step_runners(model, pipe, c, uc, x_t, steps, latent)
     with torch.inference_mode():
@@ -485,7 +486,7 @@ def sd_step_runners(preset: str, latent: int, steps: int, scedit: bool, device="
 
 
 def sdxl_runners(preset: str, latent: int, steps: int, device="cpu", dtype=torch.float32):
-    """({name: one image's sampling}, max |ours - diffusers|): `ldm_sce.sample` (Euler, sgm's trailing
+    """({name: one image's sampling}, (max |ours - diffusers|, max |ours|)): `ldm_sce.sample` (Euler, sgm's trailing
     schedule, CFG 5) and diffusers' StableDiffusionXLPipeline (EulerDiscreteScheduler, trailing) on the same
     UNet weights, given the same embeddings and latents, output_type='latent'."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
@@ -541,14 +542,15 @@ def sdxl_runners(preset: str, latent: int, steps: int, device="cpu", dtype=torch
         ),
     }
     with torch.inference_mode():
-        diff = (runners["ldm_sce"]().float() - runners["diffusers"]().float()).abs().max().item()
+        ours = runners["ldm_sce"]().float()
+        diff = (ours - runners["diffusers"]().float()).abs().max().item(), ours.abs().max().item()
         for run in runners.values():
             run()  # warm-up
     return runners, diff
 
 
 def bench_step(args) -> dict:
-    runners, diff = sd_step_runners(args.preset, args.latent, args.steps, args.scedit)
+    runners, (diff, _) = sd_step_runners(args.preset, args.latent, args.steps, args.scedit)
     with torch.inference_mode():
         times = alternate(runners, args.runs, per=args.steps)
     med = {name: statistics.median(ts) for name, ts in times.items()}

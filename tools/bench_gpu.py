@@ -49,21 +49,23 @@ JOBS = [
 ]
 
 
-def _device() -> tuple[torch.device, torch.dtype]:
-    """The device and the half precision users run there (fp16 on CUDA; fp32 on the CPU dry run)."""
+def _device(tiny: bool) -> tuple[torch.device, torch.dtype]:
+    """The device and the precision: fp16 on CUDA, as users run it, and fp16 on the CPU too for the tiny dry
+    run, so that it takes the GPU run's dtype paths (fp16 weights, fp16 autocast with fp32 trainable weights,
+    the gradient scaler); a full-size run on a CPU stays fp32 (CPU fp16 kernels are slow)."""
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.float16
-    return torch.device("cpu"), torch.float32
+    return torch.device("cpu"), torch.float16 if tiny else torch.float32
 
 
 def infer(family: str, tiny: bool) -> dict:
     preset, side, steps, _ = SIZES[tiny][family]
-    dev, dtype = _device()
+    dev, dtype = _device(tiny)
     latent = side // bench.PRESETS[preset].vae.downsample_factor
     if family == "sd15":
-        runners, diff = bench.sd_step_runners(preset, latent, steps, True, dev, dtype)
+        runners, (diff, scale) = bench.sd_step_runners(preset, latent, steps, True, dev, dtype)
     else:
-        runners, diff = bench.sdxl_runners(preset, latent, steps, dev, dtype)
+        runners, (diff, scale) = bench.sdxl_runners(preset, latent, steps, dev, dtype)
     with torch.inference_mode():
         times = bench.alternate(runners, 1 if tiny else 3)
     med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -75,6 +77,7 @@ def infer(family: str, tiny: bool) -> dict:
         "seconds_per_image": med,
         "seconds_all": times,
         "max_abs_diff": diff,
+        "max_abs": scale,  # of our latent: the difference relative to it is what half precision's round-off allows
         "ratios": {
             f"{name} / {peer}": med[name] / med[peer]
             for name, peer in (("ldm_sce", "diffusers"), ("ldm_sce+sc+csc1", "diffusers+controlnet"))
@@ -85,11 +88,11 @@ def infer(family: str, tiny: bool) -> dict:
 
 def train(family: str, method: str, tiny: bool) -> dict:
     preset, side, _, batches = SIZES[tiny][family]
-    dev, half = _device()
+    dev, dtype = _device(tiny)
     grad_ckpt = method.endswith("_ckpt")
     method = method.removesuffix("_ckpt")
-    precision = "fp16" if dev.type == "cuda" else "fp32"
-    frozen = "fp32" if method == "full" or dev.type != "cuda" else "fp16"
+    precision = "fp16" if dtype == torch.float16 else "fp32"
+    frozen = "fp32" if method == "full" else precision  # full fine-tuning trains the base: fp32 weights
     rows = []
     for batch in batches:
         args = argparse.Namespace(
