@@ -2,7 +2,8 @@
 
 A `Denoiser` is the model as every sampler sees it, wrapped once: `denoiser.eps(x, t)` is the predicted
 noise of latents x [B, 4, h, w] at DDPM timesteps t [B] (long on the schedule's own steps, float32 when
-fractional), and `denoiser(x, sigma)` the x0 estimate at noise level sigma (k-diffusion's form:
+fractional; on the CPU, where the schedule is computed: the eps function moves t to x's device, so the host
+can read t without waiting for the device), and `denoiser(x, sigma)` the x0 estimate at noise level sigma (k-diffusion's form:
 x = x0 + sigma * eps, sigma = sqrt((1 - a) / a)). `cfg_denoiser` builds it from a model, with guidance;
 v-prediction is converted to eps there (`eps = sqrt(a) v + sqrt(1-a) x`), so every sampler is written
 once. Samplers take an optional `callback`, called after every step with a `Step` (the latents and the x0
@@ -97,7 +98,8 @@ SPACINGS = ("compvis", "trailing")
 
 
 class Denoiser:
-    """A noise predictor `eps_fn(x, t) -> eps` with the schedule it was trained on (alphas_cumprod [T]).
+    """A noise predictor `eps_fn(x, t) -> eps` with the schedule it was trained on (alphas_cumprod [T]); the
+    samplers give t on the CPU and eps_fn moves it to x's device (`cfg_denoiser`'s does).
 
     `sigmas` [T] ascending: the training noise levels (default: from alphas_cumprod in float64, as
     k-diffusion). `quantize`: give the UNet the index of the nearest training sigma and use that sigma (sgm,
@@ -125,7 +127,7 @@ class Denoiser:
             if torch.equal(t, t.round()):  # on the schedule's own sigmas (t is on the CPU here: no sync)
                 t = t.long()
         c_in = (sigma**2 + 1) ** -0.5
-        eps = self.eps(x * c_in.to(x.dtype), _to_device(t.expand(x.shape[0]), x.device))
+        eps = self.eps(x * c_in.to(x.dtype), t.expand(x.shape[0]))
         return x - sigma.to(x.dtype) * eps
 
 
@@ -161,11 +163,11 @@ def cfg_denoiser(
     tuning = tuning or Tuning()
     batch_tuning = tuning.repeat(2) if guided else tuning
     both = cat_cond([uncond, cond]) if guided else None
-    # reading t (on the device) is a host sync: only a control limited to part of sampling needs it
     timed = tuning.control is not None and tuple(tuning.control_range) != (0.0, 1.0)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        now = batch_tuning.at(1.0 - float(t.max()) / len(ac)) if timed else batch_tuning
+        now = batch_tuning.at(1.0 - float(t.max()) / len(ac)) if timed else batch_tuning  # t on the CPU: no sync
+        t = _to_device(t, x.device)
         if not guided:
             out = model.apply_model(x, t, cond, now)
         else:
@@ -266,7 +268,7 @@ def sample_ddim(
     sigmas = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
     n = len(ts) if t_start is None else t_start
     for k, i in enumerate(tqdm(reversed(range(n)), total=n, disable=not progress, desc="DDIM")):
-        eps = denoiser.eps(x, torch.full((x.shape[0],), int(ts[i]), device=x.device))
+        eps = denoiser.eps(x, torch.full((x.shape[0],), int(ts[i])))
         x, x0 = _ddim_step(x, eps, a[i], a_prev[i], sigmas[i], noise_fn() if eta > 0 else None)
         if callback is not None:
             callback(Step(k, n, x, x0))
@@ -304,7 +306,7 @@ def sample_plms(
     order = list(reversed(range(n)))
     old_eps: list[torch.Tensor] = []
     for k, i in enumerate(tqdm(order, disable=not progress, desc="PLMS")):
-        t = torch.full((x.shape[0],), int(ts[i]), device=x.device)
+        t = torch.full((x.shape[0],), int(ts[i]))
         eps = denoiser.eps(x, t)
         if not old_eps:
             x_next, _ = _ddim_step(x, eps, a[i], a_prev[i], 0.0, None)
@@ -350,7 +352,7 @@ def sample_ddpm(
         a_t = ac[t]
         a_prev = ac[ts[k + 1]] if k + 1 < len(ts) else torch.ones((), dtype=torch.float64)
         alpha, beta = a_t / a_prev, 1 - a_t / a_prev
-        eps = denoiser.eps(x, torch.full((x.shape[0],), t, device=x.device))
+        eps = denoiser.eps(x, torch.full((x.shape[0],), t))
         x0 = (x - (1 - a_t).sqrt().to(x.dtype) * eps) / a_t.sqrt().to(x.dtype)
         mean = (a_prev.sqrt() * beta / (1 - a_t)).to(x.dtype) * x0 + (alpha.sqrt() * (1 - a_prev) / (1 - a_t)).to(
             x.dtype

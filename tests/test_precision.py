@@ -116,3 +116,52 @@ def test_offload_gives_the_same_image(tmp_path):
         txt2img.main(args)
         images.append(np.asarray(Image.open(out / "samples" / "00000.png")))
     assert np.array_equal(images[0], images[1])
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd1", "tiny-sd2", "tiny-sdxl"])
+def test_sampling_loops_never_read_a_device_tensor_on_the_host(preset):
+    """No host-device synchronisation inside any sampling loop or the UNet's decoder loop, checked on the CPU:
+    the UNet, the conditioning and the latents live on the meta device, where any host read (`.item()`,
+    `float(t)`, `if tensor`) raises. Every sampler, with SC-Tuners and a CSC-Tuner whose control acts on part
+    of sampling (the denoiser must read the progress from the host's timesteps), and DDIM/PLMS from an
+    img2img start, run all their steps; the only host read is `sample`'s one finiteness check after the loop."""
+    import traceback
+
+    from ldm_sce.config import PRESETS
+    from ldm_sce.diffusion import LatentDiffusion
+    from ldm_sce.sampling import SAMPLERS, cfg_denoiser, sample_ddim, sample_plms
+    from ldm_sce.tuners import Control, CSCTuner, Tuning
+
+    cfg = PRESETS[preset]
+    model = LatentDiffusion(cfg).eval()
+    unet = model.model.diffusion_model
+    unet.attach_sc_tuners()
+    ctrl = unet.attach_controller(CSCTuner(cfg.unet))
+    side = 8 * cfg.vae.downsample_factor  # the image of an 8x8 latent
+    hints = ctrl.hints(torch.rand(1, 3, *cfg.condition_size(side, side)))
+    model.model.to("meta")  # the schedule (alphas_cumprod) stays on the host, as the samplers compute it there
+    meta = torch.device("meta")
+    ctx = torch.randn(1, 77, cfg.unet.context_dim, device=meta)
+    c = (
+        {"crossattn": ctx, "vector": torch.randn(1, cfg.unet.adm_in_channels, device=meta)}
+        if cfg.unet.has_vector
+        else ctx
+    )
+    uc = {k: torch.zeros_like(v) for k, v in c.items()} if isinstance(c, dict) else torch.zeros_like(c)
+    tuning = Tuning(0.8, Control([[h.to(meta) for h in hints]], [1.0]), control_range=(0.0, 0.5))
+    # every sampler on SD1; the v model and SDXL's vector conditioning and trailing sgm schedule with a few
+    samplers = [*SAMPLERS, "unipc"] if preset == "tiny-sd1" else ["ddim", "euler", "dpmpp_2m_sde"]
+    for name in samplers:
+        steps = []
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="meta") as err:
+            sample(model, c, uc, sampler=name, steps=3, seed=0, shape=(8, 8), tuning=tuning, callback=steps.append)
+        assert len(steps) == 3, name
+        last = [f for f in traceback.extract_tb(err.value.__traceback__) if "ldm_sce" in f.filename][-1]
+        assert last.name == "sample" and "isfinite" in last.line, (name, last)
+    denoiser = cfg_denoiser(model, c, uc, 7.5, tuning)
+    x = torch.randn(1, 4, 8, 8, device=meta)
+    for loop in (sample_ddim, sample_plms):  # img2img: from DDIM index 2 of 4
+        steps = []
+        with torch.inference_mode():
+            loop(denoiser, x, 4, t_start=2, callback=steps.append)
+        assert len(steps) == 2
