@@ -52,6 +52,11 @@ def server(tmp_path_factory):
     (root / "weights").mkdir()
     for name in ("toy-shapes.safetensors", "toy-style-sc.safetensors", "toy-canny-csc.safetensors"):
         shutil.copyfile(ROOT / "weights" / name, root / "weights" / name)
+    from helpers import write_kohya_lora
+
+    from ldm_sce import load_model
+
+    write_kohya_lora(load_model(root / "weights" / "toy-shapes.safetensors"), root / "weights" / "detail.safetensors")
     shapes = root / "data" / "circles"
     shapes.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -180,6 +185,20 @@ def test_generate_tuner_control_and_errors(page, server, tmp_path):
     assert np.array_equal(_pixels(tuned), _pixels(cli_tuned))
     page.locator("#tuners button.token-remove, #tuners .token-remove").first.click()  # back to no tuner
 
+    # a LoRA file (weight 1 from the table) and FreeU's SD1 preset, as --lora and --freeu do
+    page.get_by_text("LoRA and FreeU").click()
+    _choose(page, "loras", "detail.safetensors")
+    page.wait_for_function("() => document.querySelector('#lora-weights').innerText.includes('detail')")
+    _choose(page, "freeu", "sd1")
+    lora_freeu = _generate(page, root, 2)
+    lora_path = root / "weights" / "detail.safetensors"
+    cli_lora_freeu = _cli(root, tmp_path, "--lora", f"{lora_path}:1.0", "--freeu", "sd1")
+    assert np.array_equal(_pixels(lora_freeu), _pixels(cli_lora_freeu))
+    assert "LoRA: ['detail:1']" in Image.open(lora_freeu).text["parameters"]
+    page.locator("#loras button.token-remove, #loras .token-remove").first.click()
+    page.locator("#freeu input").first.fill("")
+    page.locator("#freeu input").first.press("Enter")
+
     # a control image is previewed (canny edges: black and white) and used
     control = tmp_path / "control.png"
     img = Image.new("RGB", (64, 64), (255, 255, 255))
@@ -190,7 +209,7 @@ def test_generate_tuner_control_and_errors(page, server, tmp_path):
     _choose(page, "controller", "toy-canny-csc.safetensors")
     page.locator("#control-image input[type=file]").set_input_files(str(control))
     page.wait_for_selector("#preview img")
-    controlled = _generate(page, root, 2)
+    controlled = _generate(page, root, 3)
     assert not np.array_equal(_pixels(controlled), _pixels(base))
     cli_controlled = _cli(
         root, tmp_path, "--control", root / "weights" / "toy-canny-csc.safetensors", "--control-image", control
@@ -204,7 +223,7 @@ def test_generate_tuner_control_and_errors(page, server, tmp_path):
     page.get_by_text("the prompt is empty").first.wait_for()
     page.locator(".toast-close").first.click()
     page.locator("#prompt textarea").fill("a large red circle")
-    again = _generate(page, root, 3)
+    again = _generate(page, root, 4)
     assert np.array_equal(_pixels(again), _pixels(controlled))
 
     # an image of the gallery sent to img2img: SDEdit from it, with the CLI's parameters

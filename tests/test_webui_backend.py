@@ -1,7 +1,8 @@
 """What the web UI does without a browser (`ldm_sce/ui/workspace.py`): paths kept inside the configured
 folders, the one-job device queue (order, positions, a failing job does not stop it), uploads with bad
 files, weights/ listed from the headers, an official folder converted, and training started, stopped after
-a step and resumed to the same tuner as a straight run, bitwise."""
+a step and resumed to the same tuner as a straight run, bitwise; generation requests (tuners, controllers,
+LoRA files, FreeU) are the CLI's flags and give the CLI's images, bitwise."""
 
 import json
 import shutil
@@ -226,3 +227,53 @@ def test_generation_is_the_clis_with_two_controllers_and_a_tuner(ws, tmp_path):
         gen.argv(
             GenerateRequest("toy-shapes.safetensors", "x", controls=[ControlSlot(slots[0].controller, "")]), tmp_path
         )
+
+
+def test_generation_with_a_lora_and_freeu_is_the_clis(ws, tmp_path):
+    """LoRA files (with their weights) and FreeU (a preset or four numbers, v2) become the CLI's --lora and
+    --freeu flags and give the CLI's image, bitwise; each changes the image; bad numbers are named."""
+    from helpers import write_kohya_lora
+
+    from ldm_sce import load_model
+    from ldm_sce.generate import txt2img, txt2img_parser
+    from ldm_sce.ui.workspace import GenerateRequest, Generator
+
+    write_kohya_lora(load_model(ws.weights / "toy-shapes.safetensors"), ws.weights / "detail.safetensors", seed=2)
+    assert ws.names("lora") == ["detail.safetensors"]
+    gen = Generator(ws)
+    base = GenerateRequest("toy-shapes.safetensors", "a red circle", steps=4)
+    lora = GenerateRequest("toy-shapes.safetensors", "a red circle", steps=4, loras=[("detail.safetensors", 0.6)])
+    freeu = GenerateRequest("toy-shapes.safetensors", "a red circle", steps=4, freeu="1.2,1.3,0.8,0.5", freeu_v2=True)
+    argv = gen.argv(lora, tmp_path)
+    assert argv[argv.index("--lora") + 1] == f"{ws.weights / 'detail.safetensors'}:0.6"
+    argv_freeu = gen.argv(freeu, tmp_path)
+    assert argv_freeu[argv_freeu.index("--freeu") :][:3] == ["--freeu", "1.2,1.3,0.8,0.5", "--freeu-v2"]
+    images, text = {}, {}
+    for name, req in (("lora", lora), ("base", base), ("freeu", freeu)):
+        made = gen.run(req)[0]  # the same kept model, reset between the runs
+        cli_argv = gen.argv(req, tmp_path / name)
+        cli = txt2img(txt2img_parser().parse_args(cli_argv))[0]
+        images[name], text[name] = np.asarray(Image.open(made)), Image.open(made).text["parameters"]
+        assert np.array_equal(images[name], np.asarray(Image.open(cli))), name
+    assert not np.array_equal(images["base"], images["lora"]) and not np.array_equal(images["base"], images["freeu"])
+    assert "LoRA: ['detail:0.6']" in text["lora"] and "LoRA" not in text["base"]
+    assert "FreeU: 1.2,1.3,0.8,0.5 (official, v2)" in text["freeu"]
+
+
+def test_the_generate_inputs_are_read_with_bad_numbers_named(ws):
+    """The page's values become the request (tuners, LoRAs with weights, FreeU); a weight that is not a
+    number is named."""
+    pytest.importorskip("gradio")  # the page itself (the `ui` extra)
+    from ldm_sce.ui.app import GENERATE_INPUTS, App
+
+    values = dict.fromkeys(GENERATE_INPUTS, "")
+    values |= {"ckpt": "toy-shapes.safetensors", "prompt": "x", "sampler": "ddim", "steps": 4, "scale": 7.5}
+    values |= {"seed": 1, "width": 0, "height": 0, "batch": 1, "start": 0.0, "end": 1.0, "strength": 0.75}
+    values |= {"tuner_scales": [["toy-style-sc.safetensors", 0.5]], "lora_weights": [["detail.safetensors", "0.6"]]}
+    values |= {"freeu": "sd1", "freeu_v2": True}
+    req = App(ws).request([values[k] for k in GENERATE_INPUTS])
+    assert req.tuners == [("toy-style-sc.safetensors", 0.5)] and req.loras == [("detail.safetensors", 0.6)]
+    assert (req.freeu, req.freeu_v2, req.controls) == ("sd1", True, [])
+    values["lora_weights"] = [["detail.safetensors", "a"]]
+    with pytest.raises(UIError, match="the weight of LoRA detail.safetensors is not a number"):
+        App(ws).request([values[k] for k in GENERATE_INPUTS])

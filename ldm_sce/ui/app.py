@@ -16,6 +16,7 @@ import gradio as gr
 from ..conditions import CONDITIONS, make_condition
 from ..images import load_image
 from ..sampling import SAMPLER_NAMES
+from ..skip_edits import FREEU_PRESETS
 from .workspace import (
     INPUT_ERRORS,
     ControlSlot,
@@ -37,7 +38,7 @@ DEFAULT_MODEL = "toy-shapes.safetensors"
 CONTROL_SLOTS = 2  # controllers at once in the page (multi-condition, paper eq. 7); the CLI takes any number
 SLOT_INPUTS = ("controller", "control_image", "control_type", "control_weight")
 GENERATE_INPUTS = (
-    "ckpt prompt negative sampler steps scale seed width height batch tuner_scales".split()
+    "ckpt prompt negative sampler steps scale seed width height batch tuner_scales lora_weights freeu freeu_v2".split()
     + [f"{name}{k}" for k in range(CONTROL_SLOTS) for name in SLOT_INPUTS]
     + "start end init_image strength".split()
 )
@@ -116,12 +117,6 @@ class App:
             except (TypeError, ValueError):
                 raise UIError(f"{name.replace('_', ' ')} must be a number, got {v[name]!r}") from None
 
-        tuners = []
-        for row in _rows(v["tuner_scales"]):
-            try:
-                tuners.append((str(row[0]), float(row[1])))
-            except (TypeError, ValueError, IndexError):
-                raise UIError(f"the scale of tuner {row[0]} is not a number: {row[1:]!r}") from None
         ws = self.ws
         return GenerateRequest(
             ckpt=v["ckpt"] or "",
@@ -134,7 +129,10 @@ class App:
             width=number("width", int) if v["width"] else 0,
             height=number("height", int) if v["height"] else 0,
             batch=number("batch", int),
-            tuners=tuners,
+            tuners=_named_numbers(v["tuner_scales"], "the scale of tuner"),
+            loras=_named_numbers(v["lora_weights"], "the weight of LoRA"),
+            freeu=v["freeu"] or "",
+            freeu_v2=bool(v["freeu_v2"]),
             controls=[
                 ControlSlot(
                     v[f"controller{k}"],
@@ -250,6 +248,17 @@ def _rows(value) -> list[list]:
     return [list(r) for r in value if r and str(r[0]).strip()]
 
 
+def _named_numbers(value, what: str) -> list[tuple[str, float]]:
+    """(name, number) rows of a Dataframe such as the tuners' scales; a number that is not one is named."""
+    out = []
+    for row in _rows(value):
+        try:
+            out.append((str(row[0]), float(row[1])))
+        except (TypeError, ValueError, IndexError):
+            raise UIError(f"{what} {row[0]} is not a number: {row[1:]!r}") from None
+    return out
+
+
 def build(app: App) -> gr.Blocks:
     ws = app.ws
     with gr.Blocks(title="ldm-sce", analytics_enabled=False) as demo:  # nothing leaves the machine
@@ -282,6 +291,27 @@ def build(app: App) -> gr.Blocks:
                                 interactive=True,
                                 elem_id="tuner-scales",
                             )
+                        with gr.Accordion("LoRA and FreeU", open=False):
+                            loras = gr.Dropdown(
+                                ws.names("lora"), value=[], multiselect=True, label="LoRA files", elem_id="loras"
+                            )
+                            lora_weights = gr.Dataframe(
+                                headers=["lora", "weight"],
+                                datatype=["str", "number"],
+                                value=[],
+                                label="Weight of each LoRA",
+                                interactive=True,
+                                elem_id="lora-weights",
+                            )
+                            with gr.Row():
+                                freeu = gr.Dropdown(
+                                    ["", *FREEU_PRESETS],
+                                    value="",
+                                    allow_custom_value=True,
+                                    label="FreeU: a preset or B1,B2,S1,S2 (empty: off)",
+                                    elem_id="freeu",
+                                )
+                                freeu_v2 = gr.Checkbox(False, label="FreeU v2", elem_id="freeu-v2")
                         slots = []  # per controller: (controller, image, type, weight, preview)
                         with gr.Accordion("CSC-Tuner control", open=True):
                             for k in range(CONTROL_SLOTS):
@@ -390,10 +420,12 @@ def build(app: App) -> gr.Blocks:
 
         # -- events --
         inputs = [ckpt, prompt, negative, sampler, steps, scale, seed, width, height, batch, tuner_scales]
+        inputs += [lora_weights, freeu, freeu_v2]
         inputs += [part for slot in slots for part in slot[:4]] + [start, end, init_image, strength]
         assert len(inputs) == len(GENERATE_INPUTS)  # the same order: `App.request` reads them by these names
         run.click(app.generate, inputs, [live, gallery, status, shown], concurrency_limit=4)
         tuners.change(_guard(app.tuner_rows), [tuners, tuner_scales], tuner_scales)
+        loras.change(_guard(app.tuner_rows), [loras, lora_weights], lora_weights)
         for controller, control_image, control_type, control_weight, preview in slots:
             for trigger in (control_image.change, control_type.change, controller.change):
                 trigger(_guard(app.condition_preview), [control_image, control_type, controller], preview)
@@ -415,10 +447,11 @@ def build(app: App) -> gr.Blocks:
         to_control.click(send, [selected, shown], slots[0][1])
 
         def refresh_files():
-            sc, csc, models = ws.names("sc"), [""] + ws.names("csc"), app.checkpoints()
-            return gr.update(choices=sc), gr.update(choices=models), *[gr.update(choices=csc) for _ in slots]
+            sc, csc, models, lora = ws.names("sc"), [""] + ws.names("csc"), app.checkpoints(), ws.names("lora")
+            pickers = (sc, models, lora, *[csc for _ in slots])
+            return tuple(gr.update(choices=choices) for choices in pickers)
 
-        pickers = [tuners, ckpt, *[slot[0] for slot in slots]]
+        pickers = [tuners, ckpt, loras, *[slot[0] for slot in slots]]
         refresh.click(refresh_files, None, pickers)
         generate_tab.select(refresh_files, None, pickers)
         train_tab.select(

@@ -208,6 +208,9 @@ class GenerateRequest:
     height: int = 0
     batch: int = 1
     tuners: list[tuple[str, float]] = field(default_factory=list)
+    loras: list[tuple[str, float]] = field(default_factory=list)  # LoRA files in weights/, with their weights
+    freeu: str = ""  # FreeU: a preset (sd1, sd2, sdxl) or "B1,B2,S1,S2"; '' : off
+    freeu_v2: bool = False
     controls: list[ControlSlot] = field(default_factory=list)  # CSC-Tuner controllers (multi-condition: several)
     control_start: float = 0.0
     control_end: float = 1.0
@@ -239,6 +242,10 @@ class Generator:
             argv += ["--W", str(int(r.width)), "--H", str(int(r.height))]
         for name, scale in r.tuners:
             argv += ["--tuner", str(ws.inside(name, ws.weights)), "--tuner-scale", str(float(scale))]
+        for name, weight in r.loras:
+            argv += ["--lora", f"{ws.inside(name, ws.weights)}:{float(weight)}"]
+        if (r.freeu or "").strip():
+            argv += ["--freeu", r.freeu.strip(), *(["--freeu-v2"] if r.freeu_v2 else [])]
         for k, c in enumerate(r.controls, 1):
             if not c.image:
                 raise UIError(f"controller {k} needs a control image: upload one (or use a generated image)")
@@ -367,14 +374,10 @@ class Training:
         if resume and not checkpoints:
             raise UIError(f"run {name} has no checkpoint to resume from")
         self.trainer = Trainer(cfg, resume="latest" if resume else None)
+        self.trainer.stopping = job.stop  # Stop sets it; the trainer reads it after each step
         if job.stop.is_set():
             return None
-        watcher = threading.Thread(target=self._forward_stop, args=(job, self.trainer), daemon=True)
-        watcher.start()
-        try:
-            result = self.trainer.train()
-        finally:
-            job.stop.set()  # ends the watcher
+        result = self.trainer.train()
         if result is None:
             return None
         target = self.ws.weights / f"{name}.safetensors"
@@ -384,11 +387,6 @@ class Training:
         shutil.copyfile(result, tmp)
         os.replace(tmp, target)
         return target
-
-    @staticmethod
-    def _forward_stop(job: Job, trainer) -> None:
-        job.stop.wait()
-        trainer.stopping.set()
 
     def status(self, name: str) -> dict:
         """The run's log rows (loss per step), its validation grids and whether it has checkpoints."""
