@@ -31,7 +31,10 @@ class _FrozenWeightConv2d(torch.autograd.Function):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.conf
-        return torch.nn.grad.conv2d_input(shape, weight, grad, stride, padding, dilation, groups), *([None] * 6)
+        # under autocast the forward ran on the weight cast to the activations' dtype (fp16/bf16), and so
+        # does autocast's own backward: the same cast here (backward runs outside the autocast region)
+        w = weight.to(grad.dtype)
+        return torch.nn.grad.conv2d_input(shape, w, grad, stride, padding, dilation, groups), *([None] * 6)
 
 
 class Conv2d(nn.Conv2d):

@@ -112,6 +112,8 @@ def test_gpu_suite_dry_run_on_tiny_configs(tmp_path):
         result = report["jobs"][job]
         assert result["dtype"] == "torch.float16"  # the GPU run's dtype paths, taken on the CPU
         assert result["max_abs_diff"] <= 4e-3 * result["max_abs"]  # 4 fp16 ulps of the largest value
+    smoke = report["jobs"]["smoke_cli"]  # txt2img, fp16 training over the fp32 base, its tuner sampled
+    assert len(smoke["train_losses"]) == 10 and smoke["txt2img_with_tuner_seconds"] > 0
     rows = [row for job in report["jobs"].values() for row in job.get("rows", [])]
     assert {(row["method"], row["precision"], row["frozen_dtype"]) for row in rows} == {
         *((m, "fp16", "fp16") for m in ("sc", "lora_peft", "csc1", "controlnet")),

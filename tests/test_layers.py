@@ -76,6 +76,25 @@ def test_frozen_conv_same_input_gradient_without_keeping_the_input(stride, paddi
     assert gw.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_frozen_fp32_conv_under_autocast_has_autocasts_input_gradient(dtype):
+    """fp32 frozen weights under fp16/bf16 autocast (the trainer's default on a GPU: `precision: fp16`, the
+    base in fp32): the forward and the input gradient are plain autocast's, bitwise; the gradient has the
+    activations' dtype (backward runs outside the autocast region, so the weight is cast there too)."""
+    from ldm_sce.layers import Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(16, 24, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, 16, 9, 10, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        y = conv(x)
+        ref = F.conv2d(x, conv.weight, conv.bias, 1, 1)
+    g = torch.randn(y.shape).to(dtype)
+    assert y.dtype == ref.dtype == dtype and torch.equal(y, ref)
+    ours, theirs = torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0]
+    assert ours.dtype == theirs.dtype == torch.float32 and torch.equal(ours, theirs)
+
+
 def test_geglu_same_gradients_keeping_one_tensor():
     from ldm_sce.layers import geglu
 

@@ -297,3 +297,21 @@ def test_a_half_precision_frozen_base_trains_fp32_tuners(tiny_ckpts, dataset, tm
     assert abs(a - b) < 0.02 * a
     with pytest.raises(ConfigError, match="needs precision fp16 or bf16"):
         load_train_config(write_config(tmp_path / "c", ckpt, dataset, model={"dtype": "fp16"}))
+
+
+@pytest.mark.parametrize("method", ["sc", "csc"])
+def test_fp16_autocast_over_an_fp32_base_trains(tiny_ckpts, dataset, tmp_path, method):
+    """precision fp16 with the base kept in fp32 (the usual GPU setting; the gradient scaler on): the frozen
+    convolutions' backward meets fp16 gradients and fp32 weights. Two steps run, the losses within 2% of
+    the fp32 run's first, the tuner exported in fp32."""
+    ckpt = tiny_ckpts["sd1"][1]
+    extra = {"method": {"name": "csc", "condition": "canny"}} if method == "csc" else {}
+    runs = {}
+    for precision in ("fp32", "fp16"):
+        (tmp_path / precision).mkdir()
+        path = write_config(tmp_path / precision, ckpt, dataset, optim={"max_steps": 2}, precision=precision, **extra)
+        trainer = Trainer(load_train_config(path))
+        runs[precision] = (trainer.train(), losses(tmp_path / precision / "out"))
+    (final, half), (_, full) = runs["fp16"], runs["fp32"]
+    assert len(half) == 2 and abs(half[0] - full[0]) < 0.02 * full[0]
+    assert {t.dtype for t in load_file(final).values()} == {torch.float32}

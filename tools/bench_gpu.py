@@ -5,6 +5,8 @@ Every job runs in its own process (memory peaks must not mix), in this order, ea
 time budget as its timeout (`--budget`, default 450 s; a job that does not start in time is reported as
 skipped, one that runs out of it as timed out), so the command ends within the budget on any machine:
 
+0. smoke_cli: the user's commands on the device with the embedded toy model (tools/txt2img.py in autocast and
+   full precision, a 10-step fp16 SC-Tuner run of tools/train.py over the fp32 base, its tuner sampled);
 1. infer_sd15: 50-step 512px SD1.5 DDIM with CFG 7.5, one image: ldm_sce base, + 12 SC-Tuners, + SC-Tuners and
    a CSC-Tuner; diffusers' pipeline and diffusers + ControlNet, on the same weights (fp16 on a GPU);
 2. train_sd15_{sc,lora_peft,csc1,controlnet,full}: training steps at 512px, batch 1 and then 8, fp16 autocast
@@ -36,6 +38,7 @@ SIZES = {  # (preset, image side, sampling steps, training batches)
     True: {"sd15": ("tiny-sd1", 16, 3, (1, 2)), "sdxl": ("tiny-sdxl", 16, 3, (1,))},
 }
 JOBS = [
+    "smoke_cli",
     "infer_sd15",
     "train_sd15_sc",
     "train_sd15_lora_peft",
@@ -111,7 +114,70 @@ def train(family: str, method: str, tiny: bool) -> dict:
     return {"preset": preset, "side": side, "grad_ckpt": grad_ckpt, "rows": rows}
 
 
+def smoke_cli(tiny: bool) -> dict:
+    """What users run, on the device, with the embedded toy model: tools/txt2img.py in autocast and in full
+    precision (their images compared), a 10-step SC-Tuner training run with tools/train.py in fp16 (its tuner
+    then sampled with --tuner), each command in its own process. Never reads a real checkpoint."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    dev, _ = _device(tiny)
+    tools = Path(__file__).resolve().parent
+    out: dict = {}
+
+    def run(script: str, *args) -> float:
+        start = time.perf_counter()
+        r = subprocess.run([sys.executable, str(tools / script), *map(str, args)], capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"{script} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        return time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        steps = 4 if tiny else 20
+        common = ["--prompt", "a red circle", "--n_samples", 2, "--ddim_steps", steps, "--device", dev.type, "--quiet"]
+        for precision in ("autocast", "full"):
+            out[f"txt2img_{precision}_seconds"] = run(
+                "txt2img.py", *common, "--precision", precision, "--outdir", tmp / precision
+            )
+        pixels = [np.asarray(Image.open(tmp / p / "samples" / "00000.png"), dtype=int) for p in ("autocast", "full")]
+        out["txt2img_autocast_vs_full_max_pixel_diff"] = int(np.abs(pixels[0] - pixels[1]).max())
+        data = tmp / "data"
+        data.mkdir()
+        rng = np.random.default_rng(0)
+        for k in range(8):
+            img = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(0, 255, 3)))
+            img.paste((220, 30, 30), tuple(int(v) for v in [*rng.integers(0, 30, 2), *rng.integers(34, 64, 2)]))
+            img.save(data / f"{k}.png")
+            (data / f"{k}.txt").write_text("a red square zqx style")
+        run_dir = tmp / "train"
+        config = {
+            "model": {"ckpt": str(tools.parent / "weights" / "toy-shapes.safetensors")},
+            "method": {"name": "sc"},
+            "data": {"path": str(data), "resolution": 64},
+            "optim": {"lr": 1e-3, "batch_size": 4, "max_steps": 10},
+            "precision": "fp16",
+            "output_dir": str(run_dir),
+            "log_every": 1,
+        }
+        (tmp / "train.yaml").write_text(json.dumps(config))  # JSON is YAML
+        out["train_seconds"] = run("train.py", "--base", tmp / "train.yaml")
+        rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "loss" in r]
+        out["train_losses"] = [round(r["loss"], 4) for r in steps]
+        out["train_step_seconds_median"] = statistics.median(r["step_time"] for r in steps[1:])
+        out["train_cuda_max_mb"] = steps[-1].get("cuda_max_mb")
+        tuner = run_dir / "sc_tuner.safetensors"
+        out["txt2img_with_tuner_seconds"] = run("txt2img.py", *common, "--tuner", tuner, "--outdir", tmp / "tuned")
+    out["device"] = dev.type
+    return out
+
+
 def run_job(name: str, tiny: bool) -> dict:
+    if name == "smoke_cli":
+        return smoke_cli(tiny)
     kind, family, *method = name.split("_", 2)
     return infer(family, tiny) if kind == "infer" else train(family, method[0], tiny)
 
