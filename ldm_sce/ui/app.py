@@ -167,7 +167,8 @@ class App:
         paths = [str(p) for p in job.result]
         yield job.progress.get("preview"), paths, f"Done: {len(paths)} image(s) in {Path(paths[0]).parent}", paths
 
-    def tuner_rows(self, names: list[str], rows):
+    def picked_rows(self, names: list[str], rows):
+        """The (name, scale or weight) table of the files picked, keeping the numbers already typed (default 1)."""
         keep = {str(r[0]): r[1] for r in _rows(rows)}
         return [[n, keep.get(n, 1.0)] for n in names or []]
 
@@ -424,8 +425,8 @@ def build(app: App) -> gr.Blocks:
         inputs += [part for slot in slots for part in slot[:4]] + [start, end, init_image, strength]
         assert len(inputs) == len(GENERATE_INPUTS)  # the same order: `App.request` reads them by these names
         run.click(app.generate, inputs, [live, gallery, status, shown], concurrency_limit=4)
-        tuners.change(_guard(app.tuner_rows), [tuners, tuner_scales], tuner_scales)
-        loras.change(_guard(app.tuner_rows), [loras, lora_weights], lora_weights)
+        tuners.change(_guard(app.picked_rows), [tuners, tuner_scales], tuner_scales)
+        loras.change(_guard(app.picked_rows), [loras, lora_weights], lora_weights)
         for controller, control_image, control_type, control_weight, preview in slots:
             for trigger in (control_image.change, control_type.change, controller.change):
                 trigger(_guard(app.condition_preview), [control_image, control_type, controller], preview)
