@@ -260,6 +260,21 @@ def _named_numbers(value, what: str) -> list[tuple[str, float]]:
     return out
 
 
+def _files_with_numbers(choices: list[str], label: str, what: str, number: str, table_label: str):
+    """A multi-select of files and the table of a number for each one picked (elem ids: `{what}s` and
+    `{what}-{number}s`)."""
+    picker = gr.Dropdown(choices, value=[], multiselect=True, label=label, elem_id=f"{what}s")
+    table = gr.Dataframe(
+        headers=[what, number],
+        datatype=["str", "number"],
+        value=[],
+        label=table_label,
+        interactive=True,
+        elem_id=f"{what}-{number}s",
+    )
+    return picker, table
+
+
 def build(app: App) -> gr.Blocks:
     ws = app.ws
     with gr.Blocks(title="ldm-sce", analytics_enabled=False) as demo:  # nothing leaves the machine
@@ -281,28 +296,12 @@ def build(app: App) -> gr.Blocks:
                             height = gr.Number(0, precision=0, label="Height (0: the model's)", elem_id="height")
                             batch = gr.Slider(1, 8, value=1, step=1, label="Batch")
                         with gr.Accordion("SC-Tuners", open=True):
-                            tuners = gr.Dropdown(
-                                ws.names("sc"), value=[], multiselect=True, label="Tuners", elem_id="tuners"
-                            )
-                            tuner_scales = gr.Dataframe(
-                                headers=["tuner", "scale"],
-                                datatype=["str", "number"],
-                                value=[],
-                                label="Scale of each tuner",
-                                interactive=True,
-                                elem_id="tuner-scales",
+                            tuners, tuner_scales = _files_with_numbers(
+                                ws.names("sc"), "Tuners", "tuner", "scale", "Scale of each tuner"
                             )
                         with gr.Accordion("LoRA and FreeU", open=False):
-                            loras = gr.Dropdown(
-                                ws.names("lora"), value=[], multiselect=True, label="LoRA files", elem_id="loras"
-                            )
-                            lora_weights = gr.Dataframe(
-                                headers=["lora", "weight"],
-                                datatype=["str", "number"],
-                                value=[],
-                                label="Weight of each LoRA",
-                                interactive=True,
-                                elem_id="lora-weights",
+                            loras, lora_weights = _files_with_numbers(
+                                ws.names("lora"), "LoRA files", "lora", "weight", "Weight of each LoRA"
                             )
                             with gr.Row():
                                 freeu = gr.Dropdown(
