@@ -103,13 +103,15 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None, resume_force: bool = False):
         self.cfg = cfg
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if cfg.optim.batch_size % self.world:
-            raise ConfigError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by {self.world} processes")
         self.device = torch.device(
             f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         )
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # before NCCL starts: each rank on its own GPU, from the first call
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if cfg.optim.batch_size % self.world:
+            raise ConfigError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by {self.world} processes")
         self.out = Path(cfg.output_dir)
         state = self._read_resume(self._resolve_resume(resume), resume_force) if resume else None
         self._check_files(fresh=state is None)
@@ -582,10 +584,11 @@ class Trainer:
 
     def _check_ranks_agree(self) -> None:
         """DDP keeps the replicas equal; verify it bitwise before rank 0 writes the result."""
-        flat = torch.cat([p.detach().flatten().float().cpu() for p in self.params])
+        # on the training device: NCCL (CUDA) takes no CPU tensors, gloo (CPU) no others
+        flat = torch.cat([p.detach().flatten().float() for p in self.params])
         ref = flat.clone()
         dist.broadcast(ref, 0)
-        same = torch.tensor([int(torch.equal(flat, ref))])
+        same = torch.tensor([int(torch.equal(flat, ref))], device=flat.device)
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
         if not same.item():
             raise RuntimeError("DDP replicas diverged: trainable weights differ between ranks")
