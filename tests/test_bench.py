@@ -115,6 +115,9 @@ def test_gpu_suite_dry_run_on_tiny_configs(tmp_path):
         assert result["max_abs_diff"] <= 4e-3 * result["max_abs"]  # 4 fp16 ulps of the largest value
     smoke = report["jobs"]["smoke_cli"]  # txt2img, fp16 training over the fp32 base, its tuner sampled
     assert len(smoke["train_losses"]) == 10 and smoke["txt2img_with_tuner_seconds"] > 0
+    assert {"checkpoints/step-000005.pt", "sc_tuner.safetensors", "validation/step-000010.png"} <= set(
+        smoke["train_outputs"]
+    )
     rows = [row for job in report["jobs"].values() for row in job.get("rows", [])]
     params = {
         (row["method"], job): row["trainable_params"] for job, r in report["jobs"].items() for row in r.get("rows", [])

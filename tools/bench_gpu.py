@@ -116,8 +116,9 @@ def train(family: str, method: str, tiny: bool) -> dict:
 
 def smoke_cli(tiny: bool) -> dict:
     """What users run, on the device, with the embedded toy model: tools/txt2img.py in autocast and in full
-    precision (their images compared), a 10-step SC-Tuner training run with tools/train.py in fp16 (its tuner
-    then sampled with --tuner), each command in its own process. Never reads a real checkpoint."""
+    precision (their images compared), a 10-step SC-Tuner training run with tools/train.py in fp16 (a checkpoint
+    at step 5, a validation grid at the end; its tuner then sampled with --tuner), each command in its own
+    process. Never reads a real checkpoint."""
     import tempfile
 
     import numpy as np
@@ -144,6 +145,7 @@ def smoke_cli(tiny: bool) -> dict:
             )
         pixels = [np.asarray(Image.open(tmp / p / "samples" / "00000.png"), dtype=int) for p in ("autocast", "full")]
         out["txt2img_autocast_vs_full_max_pixel_diff"] = int(np.abs(pixels[0] - pixels[1]).max())
+        out["txt2img_autocast_vs_full_mean_pixel_diff"] = float(np.abs(pixels[0] - pixels[1]).mean())
         data = tmp / "data"
         data.mkdir()
         rng = np.random.default_rng(0)
@@ -161,6 +163,8 @@ def smoke_cli(tiny: bool) -> dict:
             "precision": "fp16",
             "output_dir": str(run_dir),
             "log_every": 1,
+            "save_every": 5,  # a checkpoint written mid-run
+            "validation": {"prompts": ["a red square zqx style"], "steps": 4},  # sampled at the end
         }
         (tmp / "train.yaml").write_text(json.dumps(config))  # JSON is YAML
         out["train_seconds"] = run("train.py", "--base", tmp / "train.yaml")
@@ -169,6 +173,7 @@ def smoke_cli(tiny: bool) -> dict:
         out["train_losses"] = [round(r["loss"], 4) for r in steps]
         out["train_step_seconds_median"] = statistics.median(r["step_time"] for r in steps[1:])
         out["train_cuda_max_mb"] = steps[-1].get("cuda_max_mb")
+        out["train_outputs"] = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*.*") if p.is_file())
         tuner = run_dir / "sc_tuner.safetensors"
         out["txt2img_with_tuner_seconds"] = run("txt2img.py", *common, "--tuner", tuner, "--outdir", tmp / "tuned")
     out["device"] = dev.type
