@@ -191,13 +191,15 @@ def test_text_lora_settings_are_checked(tiny_ckpts, dataset, tmp_path):
 
 
 def torchrun_1_and_2(tmp_path, make_config) -> dict:
-    """The exported tuner of the same run under torchrun with 1 and with 2 processes. Adam's eps >> |g| and a
-    large lr make the update linear in the gradient, so the all-reduce's round-off stays round-off (see
-    test_training.py's DDP test)."""
+    """The exported tuner of the same run in one process (here) and under torchrun with 2 processes. Adam's
+    eps >> |g| and a large lr make the update linear in the gradient, so the all-reduce's round-off stays
+    round-off (see test_training.py's DDP test)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
+
+    from ldm_sce.training import Trainer, load_train_config
 
     root = Path(__file__).resolve().parents[1]
     results = {}
@@ -205,14 +207,18 @@ def torchrun_1_and_2(tmp_path, make_config) -> dict:
         run_dir = tmp_path / f"p{n}"
         run_dir.mkdir()
         cfg = make_config(run_dir)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-        r = subprocess.run(
-            [*cmd, str(root / "tools" / "train.py"), "--base", str(cfg), "optim.eps=1.0", "optim.lr=0.5"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        assert r.returncode == 0, r.stderr[-3000:]
+        overrides = ["optim.eps=1.0", "optim.lr=0.5"]
+        if n == 1:  # one process is no DDP at all: the trainer in this process
+            Trainer(load_train_config(cfg, overrides)).train()
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+            r = subprocess.run(
+                [*cmd, str(root / "tools" / "train.py"), "--base", str(cfg), *overrides],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+            assert r.returncode == 0, r.stderr[-3000:]
         results[n] = load_file(run_dir / "out" / "sc_tuner.safetensors")
     for k in results[1]:
         torch.testing.assert_close(results[2][k], results[1][k], rtol=1e-5, atol=1e-7)

@@ -36,6 +36,9 @@ def main(args: argparse.Namespace) -> None:
     trainer = Trainer(cfg, resume=args.resume, resume_force=args.resume_force)
     final = trainer.train()
     if torch.distributed.is_initialized():
+        # the ranks leave together (rank 0 after its export): none closes its connections while another's are
+        # still in use (a rank torn down early aborted at exit once under load: "terminate called ...")
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if final is not None:
         print(f"wrote {final}")
