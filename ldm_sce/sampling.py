@@ -3,11 +3,11 @@
 A `Denoiser` is the model as every sampler sees it, wrapped once: `denoiser.eps(x, t)` is the predicted
 noise of latents x [B, 4, h, w] at DDPM timesteps t [B] (long on the schedule's own steps, float32 when
 fractional; on the CPU, where the schedule is computed: the eps function moves t to x's device, so the host
-can read t without waiting for the device), and `denoiser(x, sigma)` the x0 estimate at noise level sigma (k-diffusion's form:
-x = x0 + sigma * eps, sigma = sqrt((1 - a) / a)). `cfg_denoiser` builds it from a model, with guidance;
-v-prediction is converted to eps there (`eps = sqrt(a) v + sqrt(1-a) x`), so every sampler is written
-once. Samplers take an optional `callback`, called after every step with a `Step` (the latents and the x0
-estimate, e.g. for previews and progress).
+reads t without waiting for the device), and `denoiser(x, sigma)` the x0 estimate at noise level sigma
+(k-diffusion's form: x = x0 + sigma * eps, sigma = sqrt((1 - a) / a)). `cfg_denoiser` builds it from a
+model, with guidance; v-prediction is converted to eps there (`eps = sqrt(a) v + sqrt(1-a) x`), so every
+sampler is written once. Samplers take an optional `callback`, called after every step with a `Step` (the
+latents and the x0 estimate, e.g. for previews and progress).
 
 - `sample_ddim`, `sample_plms`: the CompVis samplers exactly (uniform timesteps `range(0, T, T // S) + 1`,
   the last step's alpha_prev = alphas_cumprod[0]); DDIM eq. 12 of Song et al. 2021.
