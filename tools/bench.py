@@ -422,10 +422,10 @@ def random_model(
 
 
 def sd_step_runners(preset: str, latent: int, steps: int, scedit: bool, device="cpu", dtype=torch.float32):
-    """({name: one image's sampling}, (max |ours - diffusers|, max |ours|)): `ldm_sce.sample` (DDIM, CFG 7.5) and diffusers'
-    StableDiffusionPipeline denoising loop on the same UNet weights, given the same text embeddings and
-    latents, output_type='latent' (no VAE decode); with `scedit` also SC-Tuners + a CSC-Tuner and diffusers'
-    ControlNet pipeline."""
+    """({name: one image's sampling}, (max |ours - diffusers|, max |ours|)): `ldm_sce.sample` (DDIM, CFG
+    7.5) and diffusers' StableDiffusionPipeline denoising loop on the same UNet weights, given the same text
+    embeddings and latents, output_type='latent' (no VAE decode); with `scedit` also SC-Tuners + a CSC-Tuner
+    and diffusers' ControlNet pipeline."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
     from ldm_sce.sampling import batch_noise, sample
@@ -486,9 +486,9 @@ def sd_step_runners(preset: str, latent: int, steps: int, scedit: bool, device="
 
 
 def sdxl_runners(preset: str, latent: int, steps: int, device="cpu", dtype=torch.float32):
-    """({name: one image's sampling}, (max |ours - diffusers|, max |ours|)): `ldm_sce.sample` (Euler, sgm's trailing
-    schedule, CFG 5) and diffusers' StableDiffusionXLPipeline (EulerDiscreteScheduler, trailing) on the same
-    UNet weights, given the same embeddings and latents, output_type='latent'."""
+    """({name: one image's sampling}, (max |ours - diffusers|, max |ours|)): `ldm_sce.sample` (Euler, sgm's
+    trailing schedule, CFG 5) and diffusers' StableDiffusionXLPipeline (EulerDiscreteScheduler, trailing) on
+    the same UNet weights, given the same embeddings and latents, output_type='latent'."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     from ldm_sce.sampling import batch_noise, sample

@@ -80,7 +80,7 @@ def infer(family: str, tiny: bool) -> dict:
         "seconds_per_image": med,
         "seconds_all": times,
         "max_abs_diff": diff,
-        "max_abs": scale,  # of our latent: the difference relative to it is what half precision's round-off allows
+        "max_abs": scale,  # of our latent: half precision's round-off is relative to it
         "ratios": {
             f"{name} / {peer}": med[name] / med[peer]
             for name, peer in (("ldm_sce", "diffusers"), ("ldm_sce+sc+csc1", "diffusers+controlnet"))
